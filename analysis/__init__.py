@@ -1,0 +1,1 @@
+"""fadelab: analysis (see docs/architecture.md)."""

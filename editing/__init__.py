@@ -1,0 +1,1 @@
+"""fadelab: editing (see docs/architecture.md)."""

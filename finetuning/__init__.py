@@ -1,0 +1,1 @@
+"""fadelab: finetuning (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""fadelab: probes (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""fadelab: store (see docs/architecture.md)."""
