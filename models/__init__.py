@@ -1,0 +1,1 @@
+"""fadelab.models: model families, stable site names, weight deltas, and the organism."""
