@@ -10,7 +10,14 @@ The store imports nothing else from fadelab: sites are plain strings, values pla
 
 from store.core import SCHEMA_VERSION
 from store.errors import StoreError
-from store.recorder import Recorder
 from store.store import Store
+
+
+def __getattr__(name):
+    """Import the recorder (and torch) only when it is asked for."""
+    if name == "Recorder":
+        from store.recorder import Recorder
+        return Recorder
+    raise AttributeError(f"module 'store' has no attribute {name!r}")
 
 __all__ = ["SCHEMA_VERSION", "Recorder", "Store", "StoreError"]

@@ -17,15 +17,11 @@ attribute ``dtype = "bfloat16"``. Plain numpy reads it exactly as float32 with
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 
 from store.errors import StoreError
-
-try:  # torch is optional for the store: plain numpy works without it
-    import torch
-except ImportError:  # pragma: no cover - torch is a dependency of fadelab
-    torch = None
 
 #: dtypes the store keeps exactly, by logical name
 DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
@@ -57,6 +53,7 @@ def check_variant(variant: str) -> str:
 
 def encode(x) -> tuple[np.ndarray, str]:
     """Turn a numpy array or torch tensor into (array to store, logical dtype name)."""
+    torch = sys.modules.get("torch")  # not imported: x cannot be a tensor (keeps startup light)
     if torch is not None and isinstance(x, torch.Tensor):
         t = x.detach().to("cpu").contiguous()
         if t.dtype == torch.bfloat16:
@@ -81,6 +78,8 @@ def stored_dtype(dtype_name: str) -> np.dtype:
 
 def decode(raw: np.ndarray, dtype_name: str, as_torch: bool):
     """Turn a stored array back into the value that was written (exactly)."""
+    if as_torch:
+        import torch
     if dtype_name == "bfloat16":
         if as_torch:
             return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)

@@ -21,7 +21,8 @@ What this module offers, in the way SQLite protects its database:
 - Locking: a writer holds an exclusive ``flock`` on the HDF5 file itself (the lock HDF5 itself
   takes), a reader a shared one; a second writer, or a reader during a write, gets `StoreError`.
 
-Journal layout (little-endian): header ``b"FADEJRN1", committed_size:u64, pid:u64, salt:u64``,
+Journal layout (little-endian): header ``b"FADEJRN1", committed_size:u64, pid:u64, salt:u64,
+inode:u64`` (the main file's inode: a journal left beside a deleted and recreated file is stale),
 then records ``offset:u64, length:u64, salt:u64, crc32(data):u32, data``. A record cut short or
 with a bad CRC ends the journal: its write to the main file had not started yet, because a
 record is complete before the write it protects begins. An empty or headerless journal means the
@@ -45,7 +46,7 @@ from store.errors import StoreError
 log = logging.getLogger(__name__)
 
 MAGIC = b"FADEJRN1"
-_HEADER = struct.Struct("<8sQQQ")
+_HEADER = struct.Struct("<8sQQQQ")
 _RECORD = struct.Struct("<QQQI")
 
 
@@ -75,7 +76,8 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 
 
 def _read_journal(jpath: str) -> tuple[int, int, list[tuple[int, bytes]]] | None:
-    """Parse a journal: (committed_size, pid, records) or None when it holds no valid header."""
+    """Parse a journal: (committed_size, pid, records) or None when it holds no valid header
+    or belongs to another file (inode differs, or the main file is gone or empty)."""
     try:
         with open(jpath, "rb") as fh:
             raw = fh.read()
@@ -83,8 +85,15 @@ def _read_journal(jpath: str) -> tuple[int, int, list[tuple[int, bytes]]] | None
         return None
     if len(raw) < _HEADER.size:
         return None
-    magic, committed, pid, salt = _HEADER.unpack_from(raw, 0)
+    magic, committed, pid, salt, inode = _HEADER.unpack_from(raw, 0)
     if magic != MAGIC:
+        return None
+    try:
+        st = os.stat(jpath[: -len("-journal")])
+    except FileNotFoundError:
+        return None
+    if st.st_ino != inode or st.st_size == 0:
+        log.warning("ignoring stale journal %s: it belongs to an earlier file of that name", jpath)
         return None
     records, pos = [], _HEADER.size
     while pos + _RECORD.size <= len(raw):
@@ -208,7 +217,8 @@ class JournaledFile:
         os.ftruncate(self._jfd, 0)  # empty journal: the main file is consistent right now
         self._committed = os.fstat(self._fd).st_size
         self._salt += 1
-        _pwrite_all(self._jfd, _HEADER.pack(MAGIC, self._committed, os.getpid(), self._salt), 0)
+        _pwrite_all(self._jfd, _HEADER.pack(MAGIC, self._committed, os.getpid(), self._salt,
+                                               os.fstat(self._fd).st_ino), 0)
         self._jend = _HEADER.size
         if self.fsync:
             os.fsync(self._jfd)

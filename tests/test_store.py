@@ -1,0 +1,243 @@
+"""Unit tests of store.Store: exact round trips, h5py's manners, self-description, locking, views."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from store import SCHEMA_VERSION, Store, StoreError
+from store import codec
+
+SITE = "text.mlp.7.fc2"
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "exp.h5")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                   torch.uint8, torch.int64])
+def test_delta_round_trip_is_bit_exact(path, dtype):
+    g = torch.Generator().manual_seed(0)
+    dw = (torch.randn(33, 17, generator=g) * 100).to(dtype)
+    with Store.open(path) as st:
+        st.create_delta("M_ed/e1", SITE, dw)
+    with Store.open(path, "r") as st:
+        back = st.read_delta("M_ed/e1", SITE)
+    assert back.dtype == dtype and back.shape == dw.shape
+    assert torch.equal(back.view(torch.uint8) if dtype.is_floating_point else back,
+                       dw.view(torch.uint8) if dtype.is_floating_point else dw)
+
+
+def test_special_float_values_survive(path):
+    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40], dtype=torch.float32)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        with Store.open(path) as st:
+            st.create_edit_key("e1", f"x_{str(dt)[6:]}", x.to(dt))
+        with Store.open(path, "r") as st:
+            back = st.read_edit_key("e1", f"x_{str(dt)[6:]}")
+        assert torch.equal(back.view(torch.int16 if dt != torch.float32 else torch.int32),
+                           x.to(dt).view(torch.int16 if dt != torch.float32 else torch.int32))
+
+
+def test_lowrank_delta_steps_and_attrs(path):
+    b, a = torch.randn(8, 2), torch.randn(2, 5)
+    with Store.open(path) as st:
+        for step in (100, 200):
+            st.create_delta("M_ft/f1", "unet.xattn.3.to_k", (b * step, a), step=step)
+        st.create_delta("M_ft/f1", "unet.xattn.3.to_k", (b, a),
+                        attrs={"method": "lora", "hparams": {"rank": 2, "lr": 1e-4}})
+    with Store.open(path, "r") as st:
+        assert st.steps("M_ft/f1") == [100, 200]
+        assert st.variants() == ["M_ft/f1"]
+        got_b, got_a = st.read_delta("M_ft/f1", "unet.xattn.3.to_k")
+        assert torch.equal(got_b, b) and torch.equal(got_a, a)
+        assert torch.equal(st.read_delta("M_ft/f1", "unet.xattn.3.to_k", 200, dense=True),
+                           (b * 200) @ a)
+        attrs = st.delta_attrs("M_ft/f1", "unet.xattn.3.to_k")
+        assert attrs["hparams"] == {"rank": 2, "lr": 1e-4} and attrs["form"] == "lowrank"
+        da = st.deltas_xr("unet.xattn.3.to_k", steps=True)
+        assert da.dims == ("variant", "step", "out", "in") and list(da.step) == [100, 200]
+        np.testing.assert_array_equal(da.sel(variant="M_ft/f1", step=100).values,
+                                      ((b * 100) @ a).numpy())
+
+
+def test_create_refuses_overwrite_and_require_checks(path):
+    dw = torch.randn(4, 4)
+    with Store.open(path) as st:
+        st.create_delta("M_ed/e1", SITE, dw)
+        with pytest.raises(StoreError, match=r"/deltas/M_ed/e1/final/text.mlp.7.fc2 exists"):
+            st.create_delta("M_ed/e1", SITE, dw)
+        assert st.require_delta("M_ed/e1", SITE, torch.zeros(4, 4)) is False  # kept
+        assert torch.equal(st.read_delta("M_ed/e1", SITE), dw)
+        with pytest.raises(StoreError, match=r"shape \(4, 4\) dtype float32; asked for shape \(4, 5\)"):
+            st.require_delta("M_ed/e1", SITE, torch.zeros(4, 5))
+        with pytest.raises(StoreError, match="dtype float16"):
+            st.require_delta("M_ed/e1", SITE, torch.zeros(4, 4, dtype=torch.float16))
+        assert st.require_delta("M_ed/e2", SITE, dw) is True
+        with pytest.raises(StoreError, match="bad variant"):
+            st.create_delta("M ed", SITE, dw)
+        with pytest.raises(StoreError, match="bad site"):
+            st.create_delta("M", "a/b", dw)
+        with pytest.raises(StoreError, match="cannot store dtype complex64"):
+            st.create_delta("M", SITE, torch.zeros(2, dtype=torch.complex64))
+
+
+def test_half_written_entry_is_detected_and_redone(path):
+    with Store.open(path) as st:
+        st.create_delta("M", SITE, torch.ones(3))
+        # simulate an entry without the complete mark (as a writer outside the store could leave)
+        st.h5.create_dataset("/deltas/M/final/text.mlp.8.fc2", data=np.zeros(3, np.float32))
+        st.commit()
+        assert not st.has_delta("M", "text.mlp.8.fc2")
+        with pytest.raises(StoreError, match="half-written"):
+            st.read_delta("M", "text.mlp.8.fc2")
+        assert st.sites("M") == [SITE]
+        st.create_delta("M", "text.mlp.8.fc2", torch.full((3,), 2.0))  # redone, not refused
+        assert torch.equal(st.read_delta("M", "text.mlp.8.fc2"), torch.full((3,), 2.0))
+
+
+def test_file_describes_itself_in_plain_h5py(path):
+    with Store.open(path, config='lr = 1e-4\n', code_version="abc123", seeds={"global": 7}) as st:
+        st.create_delta("M_ed/e1", SITE, torch.randn(3, 2, dtype=torch.bfloat16))
+        st.create_activations("M", SITE, np.arange(24, dtype=np.float16).reshape(2, 3, 4),
+                              ("prompt", "token", "neuron"),
+                              coords={"prompt": ["a cat", "a dog"], "concept": ("prompt", ["cat", "dog"])})
+        want = st.read_delta("M_ed/e1", SITE).float().numpy()
+    code = f"""
+import h5py, json, numpy as np
+f = h5py.File({path!r}, "r")
+a = f.attrs
+assert a["fadelab_store"] == "fadelab experiment store" and a["schema_version"] == {SCHEMA_VERSION}
+assert a["code_version"] == "abc123" and json.loads(a["seeds"]) == {{"global": 7}}
+assert "lr" in a["config_text"] and "/deltas/" in a["layout"]
+ds = f["deltas/M_ed/e1/final/text.mlp.7.fc2"]
+assert ds.attrs["dtype"] == "bfloat16" and ds.attrs["complete"] == 1
+print(json.dumps((ds[()].astype(np.uint32) << 16).view(np.float32).tolist()))
+g = f["activations/M/text.mlp.7.fc2"]
+assert json.loads(g["data"].attrs["dims"]) == ["prompt", "token", "neuron"]
+assert list(g["coords/prompt"].asstr()[()]) == ["a cat", "a dog"]
+assert g["coords/concept"].attrs["dim"] == "prompt"
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    np.testing.assert_array_equal(np.array(json.loads(out.stdout)), want)
+
+
+def test_other_schema_version_and_foreign_files_fail_clearly(path, tmp_path):
+    with Store.open(path):
+        pass
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(StoreError, match=f"schema_version 99; this code reads schema_version {SCHEMA_VERSION}"):
+        Store.open(path, "r")
+    other = str(tmp_path / "plain.h5")
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(StoreError, match="not a fadelab store"):
+        Store.open(other, "r")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(StoreError, match="not an HDF5 file"):
+        Store.open(str(text), "a")
+    with pytest.raises(StoreError, match="bad mode"):
+        Store.open(path, "w")
+
+
+def test_reopen_with_other_config_is_refused(path):
+    with Store.open(path, config="a = 1"):
+        pass
+    with pytest.raises(StoreError, match="another config"):
+        Store.open(path, config="a = 2")
+    with Store.open(path, config="a = 1", code_version="def") as st:
+        assert [s["code_version"] for s in st.info["sessions"]] == ["unknown", "def"]
+
+
+def test_second_writer_and_reader_during_write_are_refused(path):
+    with Store.open(path) as st:
+        st.create_metric("M", "acc", 0.5)
+        code = (f"from store import Store, StoreError\n"
+                f"try:\n    Store.open({path!r}, 'a')\nexcept StoreError as e:\n    print(e)\n"
+                f"try:\n    Store.open({path!r}, 'r')\nexcept StoreError as e:\n    print(e)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+        lines = out.stdout.strip().splitlines()
+        assert len(lines) == 2
+        assert "cannot open" in lines[0] and "to write" in lines[0] and "pid" in lines[0]
+        assert "to read" in lines[1]
+        plain = subprocess.run([sys.executable, "-c", f"import h5py; h5py.File({path!r}, 'r')"],
+                               capture_output=True, text=True)  # plain h5py: same flock
+        assert plain.returncode != 0 and "lock" in plain.stderr
+    with Store.open(path, "r") as r1, Store.open(path, "r") as r2:  # readers share
+        assert r1.read_metric("M", "acc")["value"] == r2.read_metric("M", "acc")["value"] == 0.5
+
+
+def test_streamed_activations_resume_and_xarray_view(path):
+    prompts = [f"p{i}" for i in range(10)]
+    x = np.random.default_rng(0).standard_normal((10, 4, 6)).astype(np.float32)
+    with Store.open(path) as st:
+        w = st.open_activations("M", SITE, x.shape, "float32", ("prompt", "token", "neuron"),
+                                coords={"prompt": prompts, "concept": ("prompt", ["c"] * 10)})
+        w.write(x[:3])
+        with pytest.raises(StoreError, match="write in order"):
+            w.write(x[5:6], start=5)
+    with Store.open(path) as st:
+        assert not st.has_activations("M", SITE)
+        with pytest.raises(StoreError, match="3 of 10 rows"):
+            st.read_activations("M", SITE)
+        assert st.read_activations("M", SITE, partial=True)[0].shape == (3, 4, 6)
+        w = st.open_activations("M", SITE, x.shape, "float32", ("prompt", "token", "neuron"),
+                                coords={"prompt": prompts})
+        assert w.rows_done == 3
+        w.write(x[3:7])
+        w.write(x[7:])
+        assert w.complete
+        with pytest.raises(StoreError, match="exists complete"):
+            st.open_activations("M", SITE, (11, 4, 6), "float32", ("prompt", "token", "neuron"))
+    with Store.open(path, "r") as st:
+        da = st.activations("M", SITE, rows=slice(2, 5))
+        assert da.dims == ("prompt", "token", "neuron")
+        assert list(da.prompt.values) == ["p2", "p3", "p4"] and da.site == SITE
+        np.testing.assert_array_equal(da.values, x[2:5])
+
+
+def test_images_labels_metrics_loss_arrays(path):
+    px = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    with Store.open(path) as st:
+        st.create_images("M_ed/e1", "eval", px, ["a", "b", "c"], [0, 1, 2])
+        with pytest.raises(StoreError, match="uint8"):
+            st.create_images("M", "bad", px.astype(np.float32), ["a"] * 3, [0, 1, 2])
+        assert st.append_label("M_ed/e1", "eval", "oracle", 2, "yes", 0.9) == 1
+        assert st.append_label("M_ed/e1", "eval", "human:alice", 0, "no") == 1
+        assert st.append_label("M_ed/e1", "eval", "oracle", 0, "no") == 2
+        with pytest.raises(StoreError, match="bad image index 3"):
+            st.append_label("M_ed/e1", "eval", "oracle", 3, "no")
+        st.create_metric("M", "acc", 0.5, ci=(0.4, 0.6), n=100)
+        st.create_metric("M_ed/e1", "acc", 0.9, ci=(0.85, 0.95), n=100)
+        st.create_metric("M_ed/e1", "acc", 0.7, step=500)
+        st.create_loss("f1", [0, 10], {"loss": [1.0, 0.5], "lr": [1e-4, 1e-4]})
+        st.create_array("weights/angles", np.linspace(0, 1, 6).reshape(2, 3), dims=("edit", "k"))
+    with Store.open(path, "r") as st:
+        got = st.read_images("M_ed/e1", "eval")
+        np.testing.assert_array_equal(got["pixels"], px)
+        assert got["prompt"] == ["a", "b", "c"] and got["seed"].tolist() == [0, 1, 2]
+        labels = st.read_labels("M_ed/e1", "eval", "oracle")
+        assert labels["index"].tolist() == [2, 0] and labels["label"] == ["yes", "no"]
+        assert st.annotators("M_ed/e1", "eval") == ["human:alice", "oracle"]
+        ds = st.metrics()
+        assert ds["acc"].sel(variant="M_ed/e1") == 0.9 and ds["acc_ci_low"].sel(variant="M") == 0.4
+        assert st.metrics(by_step=True)["acc"].sel(variant="M_ed/e1", step=500) == 0.7
+        assert st.read_loss("f1")["lr"].tolist() == [1e-4, 1e-4]
+        assert st.array_xr("weights/angles").dims == ("edit", "k")
+
+
+def test_chunks_keep_whole_rows():
+    assert codec.chunks_for((1000, 77, 3072), 4) == (1, 77, 3072)
+    assert codec.chunks_for((1000, 16), 4)[1:] == (16,)
+    big = codec.chunks_for((10, 4096, 4096), 4)
+    assert big[0] == 1 and np.prod(big) * 4 <= 4 << 20
+    assert codec.chunks_for((), 4) is None
