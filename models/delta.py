@@ -1,0 +1,272 @@
+"""Weight deltas: the one currency of edits, fine-tunes and variants.
+
+A variant of a base model is the base weights plus a `WeightDelta`,
+
+    W_site' = W_site + alpha * dW_site        for every site in the delta,
+
+so one loaded base model serves M, M_ed, M_ft and M_ed_ft by applying and removing deltas in
+place, and the store keeps deltas, not model copies.
+
+Offers
+    WeightDelta      {site: dW} with dW dense (shape of the weight) or low-rank (B, A), dW = B @ A;
+                     composition (+), scaling, device/dtype moves, Frobenius norms.
+    apply_delta      context manager: add alpha * dW in place, restore the originals bit for bit
+                     on exit (also when the body raises). Nests.
+    merge_delta      add alpha * dW permanently. With `apply_delta`, the only functions here that
+                     mutate a model.
+    snapshot         cloned weights at some sites.
+    delta_between    dW = after - before, as a WeightDelta.
+
+"model" below is anything `models.sites.resolve` understands: a `models.Model`, a diffusers
+pipeline, or a bare `nn.Module` (then a site is a `named_modules()` path).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from models.errors import FadelabError
+from models.sites import resolve_many, sites_matching
+
+log = logging.getLogger(__name__)
+
+Factors = tuple[Tensor, Tensor]
+Update = Union[Tensor, Factors]
+
+
+def _check_update(site: str, update: Any) -> None:
+    """Raise FadelabError unless `update` is a tensor or a (B, A) pair with B: (m, r), A: (r, n)."""
+    if isinstance(update, Tensor):
+        return
+    if isinstance(update, tuple) and len(update) == 2 and all(isinstance(t, Tensor) for t in update):
+        b, a = update
+        if b.ndim == 2 and a.ndim == 2 and b.shape[1] == a.shape[0]:
+            return
+        raise FadelabError(
+            f"low-rank delta at site {site!r} needs B of shape (m, r) and A of shape (r, n); "
+            f"got B {tuple(b.shape)} and A {tuple(a.shape)}"
+        )
+    raise FadelabError(
+        f"delta at site {site!r} must be a tensor or a (B, A) tuple of tensors, got {type(update).__name__}"
+    )
+
+
+@dataclass
+class WeightDelta:
+    """A weight update per site: dense dW, or low-rank factors (B, A) with dW = B @ A.
+
+    Attributes:
+        deltas: site name -> dW (a tensor with the weight's shape) or (B, A) with B: (m, r),
+            A: (r, n) and dW = B @ A of shape (m, n). Low-rank factors are for 2-D weights
+            (linear layers, embeddings).
+        provenance: where the delta came from, e.g. {"method": "uce", "hparams": {...},
+            "parent": "<id of the base or of the delta it was computed on>"}.
+    """
+
+    deltas: dict[str, Update]
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for site, update in self.deltas.items():
+            if not isinstance(site, str):
+                raise FadelabError(f"site names are strings, got {site!r}")
+            _check_update(site, update)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def sites(self) -> list[str]:
+        """The sites this delta touches, in insertion order."""
+        return list(self.deltas)
+
+    def is_low_rank(self, site: str) -> bool:
+        """True when the delta at `site` is stored as factors (B, A)."""
+        return isinstance(self._get(site), tuple)
+
+    def dense(self, site: str) -> Tensor:
+        """dW at `site` as one tensor: the stored tensor, or B @ A for factors (B, A)."""
+        update = self._get(site)
+        if isinstance(update, tuple):
+            b, a = update
+            return b @ a  # (m, r) @ (r, n) -> (m, n)
+        return update
+
+    def norm(self, site: str) -> float:
+        """Frobenius norm ||dW||_F at `site`, in fp32.
+
+        For factors the dense matrix is never formed:
+            ||B A||_F^2 = tr(A^T B^T B A) = sum_ij (B^T B)_ij (A A^T)_ij.
+        """
+        update = self._get(site)
+        if isinstance(update, tuple):
+            b, a = (t.float() for t in update)
+            gram = (b.T @ b) * (a @ a.T)  # (r, r) elementwise product
+            return float(gram.sum().clamp_min(0.0).sqrt())
+        return float(torch.linalg.vector_norm(update.float()))
+
+    def _get(self, site: str) -> Update:
+        try:
+            return self.deltas[site]
+        except KeyError:
+            raise FadelabError(
+                f"this delta has no site {site!r}; it has {', '.join(self.sites()[:6]) or 'none'}"
+            ) from None
+
+    # -- algebra -------------------------------------------------------------------------------
+
+    def __add__(self, other: WeightDelta) -> WeightDelta:
+        """Composition: (d1 + d2)[s] = dW1[s] + dW2[s] over the union of sites.
+
+        Two low-rank updates at one site stay low-rank by concatenating factors,
+            B1 A1 + B2 A2 = [B1 B2] @ [A1; A2]   (rank r1 + r2);
+        any other pair is summed densely.
+        """
+        if not isinstance(other, WeightDelta):
+            return NotImplemented
+        out: dict[str, Update] = dict(self.deltas)
+        for site, update in other.deltas.items():
+            if site not in out:
+                out[site] = update
+            elif isinstance(out[site], tuple) and isinstance(update, tuple):
+                (b1, a1), (b2, a2) = out[site], update
+                out[site] = (torch.cat([b1, b2], dim=1), torch.cat([a1, a2], dim=0))
+            else:
+                out[site] = self.dense(site) + other.dense(site)
+        return WeightDelta(out, {"method": "sum", "parents": [self.provenance, other.provenance]})
+
+    def __radd__(self, other: Any) -> WeightDelta:
+        """Lets `sum(deltas)` start from 0."""
+        if isinstance(other, int) and other == 0:
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: WeightDelta) -> WeightDelta:
+        """d1 - d2 = d1 + (-1) * d2."""
+        if not isinstance(other, WeightDelta):
+            return NotImplemented
+        return self + other.scale(-1.0)
+
+    def scale(self, alpha: float) -> WeightDelta:
+        """alpha * dW at every site; for factors only B is scaled: alpha B A = (alpha B) A."""
+        out: dict[str, Update] = {}
+        for site, update in self.deltas.items():
+            out[site] = (alpha * update[0], update[1]) if isinstance(update, tuple) else alpha * update
+        return WeightDelta(out, {"method": "scale", "alpha": float(alpha), "parent": self.provenance})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WeightDelta:
+        """A copy on `device` and/or in `dtype` (None keeps each tensor's own)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
+
+        out: dict[str, Update] = {}
+        for site, update in self.deltas.items():
+            out[site] = (move(update[0]), move(update[1])) if isinstance(update, tuple) else move(update)
+        return WeightDelta(out, dict(self.provenance))
+
+
+# -- applying ----------------------------------------------------------------------------------
+
+
+def _target_weights(model: Any, delta: WeightDelta) -> list[tuple[str, nn.Parameter]]:
+    """Resolve every site of `delta` to its weight and check shapes, before anything mutates."""
+    targets = []
+    for site, module in resolve_many(model, delta.sites()).items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise FadelabError(f"site {site!r} resolves to a {type(module).__name__} without a weight")
+        shape = tuple(delta.dense(site).shape) if not delta.is_low_rank(site) else _factor_shape(delta, site)
+        if shape != tuple(weight.shape):
+            raise FadelabError(
+                f"delta for site {site!r} has shape {shape}; the weight there has shape {tuple(weight.shape)}"
+            )
+        targets.append((site, weight))
+    return targets
+
+
+def _factor_shape(delta: WeightDelta, site: str) -> tuple[int, ...]:
+    b, a = delta.deltas[site]
+    return (b.shape[0], a.shape[1])
+
+
+def _add_in_place(weight: Tensor, dw: Tensor, alpha: float) -> None:
+    """W <- cast(float32(W) + alpha * float32(dW)) to W's dtype, under no_grad."""
+    with torch.no_grad():
+        update = dw.to(device=weight.device, dtype=torch.float32)
+        weight.copy_((weight.float() + alpha * update).to(weight.dtype))
+
+
+@contextmanager
+def apply_delta(model: Any, delta: WeightDelta, alpha: float = 1.0) -> Iterator[Any]:
+    """Within the block, W_site <- W_site + alpha * dW_site for every site of `delta`.
+
+    Each sum is computed in fp32 and cast to the weight's dtype. On exit, normal or by an
+    exception, every touched weight is restored bit for bit from a copy taken on entry (not by
+    subtracting, which would not round-trip in low precision). Blocks nest: the inner block
+    restores what the outer block had applied.
+
+    Warning: a copy of every touched weight is held for the duration of the block.
+
+    Yields the model. Raises FadelabError, before changing anything, for an unknown site or a
+    shape mismatch.
+    """
+    targets = _target_weights(model, delta)
+    originals: list[tuple[Tensor, Tensor]] = []
+    try:
+        for site, weight in targets:
+            originals.append((weight, weight.detach().clone()))
+            _add_in_place(weight, delta.dense(site), alpha)
+        yield model
+    finally:
+        with torch.no_grad():
+            # reversed: if two sites share one tensor, the first copy taken is the true original
+            for weight, original in reversed(originals):
+                weight.copy_(original)
+
+
+def merge_delta(model: Any, delta: WeightDelta, alpha: float = 1.0) -> Any:
+    """Permanently W_site <- W_site + alpha * dW_site (fp32 sum, cast back). Returns the model.
+
+    The only mutating function here besides `apply_delta`; there is no undo, so prefer
+    `apply_delta` unless the merged model is what you want to keep.
+    """
+    for site, weight in _target_weights(model, delta):
+        _add_in_place(weight, delta.dense(site), alpha)
+    return model
+
+
+def snapshot(model: Any, sites: Iterable[str] | str) -> dict[str, Tensor]:
+    """Detached clones of the weights at `sites` (a list of names, or one glob such as
+    "unet.xattn.*.to_k")."""
+    names = sites_matching(model, sites) if isinstance(sites, str) else list(sites)
+    return {site: module.weight.detach().clone() for site, module in resolve_many(model, names).items()}
+
+
+def delta_between(
+    before: dict[str, Tensor], after: dict[str, Tensor], provenance: dict | None = None
+) -> WeightDelta:
+    """dW_site = float32(after_site) - float32(before_site), for snapshots taken at the same sites.
+
+    Raises FadelabError when the two snapshots cover different sites or shapes differ.
+    """
+    if set(before) != set(after):
+        only_before = sorted(set(before) - set(after))[:4]
+        only_after = sorted(set(after) - set(before))[:4]
+        raise FadelabError(
+            f"snapshots cover different sites: only before {only_before}, only after {only_after}"
+        )
+    deltas: dict[str, Update] = {}
+    for site, w0 in before.items():
+        w1 = after[site]
+        if w0.shape != w1.shape:
+            raise FadelabError(
+                f"site {site!r} has shape {tuple(w0.shape)} before and {tuple(w1.shape)} after"
+            )
+        deltas[site] = w1.detach().float() - w0.detach().to(device=w1.device).float()
+    return WeightDelta(deltas, dict(provenance or {"method": "difference"}))
