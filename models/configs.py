@@ -69,9 +69,11 @@ def _frozen(d: dict) -> Mapping[str, Any]:
 
 # -- shared parts --------------------------------------------------------------------------------
 
-# openai/clip-vit-large-patch14 text tower, as in SD1.4's text_encoder/config.json (and SDXL's and
-# FLUX's text_encoder). eos_token_id 2 is the legacy value these checkpoints ship; transformers then
-# pools at argmax(input_ids), the <|endoftext|> token.
+# openai/clip-vit-large-patch14 text tower, as in SD1.4's text_encoder/config.json; SDXL's text_encoder
+# is the same tower (confirmed: quick_gelu, 768, 12 x 12, 3072, projection 768). FLUX.1's text_encoder
+# is also CLIP-L; its config.json could not be read here, so the special-token ids below are SD1.4's.
+# eos_token_id 2 is the legacy value these checkpoints ship; transformers then pools at
+# argmax(input_ids), the <|endoftext|> token.
 CLIP_L = _frozen(
     dict(
         vocab_size=49408,
@@ -93,7 +95,8 @@ CLIP_L = _frozen(
     )
 )
 
-# laion/CLIP-ViT-bigG-14 text tower with projection: SDXL's text_encoder_2/config.json.
+# laion/CLIP-ViT-bigG-14 text tower with projection: SDXL's text_encoder_2/config.json (widths, depth,
+# gelu and projection confirmed; special-token ids assumed equal to CLIP-L's).
 CLIP_BIGG = _frozen(
     {**CLIP_L, "hidden_size": 1280, "intermediate_size": 5120, "projection_dim": 1280,
      "num_hidden_layers": 32, "num_attention_heads": 20, "hidden_act": "gelu"}
@@ -266,6 +269,8 @@ ARCHS: Mapping[str, Arch] = _frozen(
                     "scheduler": Component(
                         "diffusers",
                         "FlowMatchEulerDiscreteScheduler",
+                        # shift 1.0 and use_dynamic_shifting False confirmed for schnell; the
+                        # base/max shift and sequence lengths are diffusers' defaults (unused then)
                         _frozen(
                             dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False,
                                  base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)

@@ -225,8 +225,10 @@ def _from_hub(family: str, device: torch.device, dtype: torch.dtype) -> Model:
 
 
 def _unknown_family(family: Any) -> FadelabError:
+    looks_like_path = isinstance(family, Path) or (isinstance(family, str) and ("/" in family or "\\" in family))
+    where = f"no folder at {family}; " if looks_like_path else ""
     return FadelabError(
-        f"unknown model family {family!r}: accepted are {', '.join(FAMILIES)}, or a local diffusers folder"
+        f"unknown model family {str(family)!r}: {where}accepted are {', '.join(FAMILIES)}, or a local diffusers folder"
     )
 
 

@@ -143,6 +143,13 @@ def _components(obj: Any) -> dict[str, Any] | None:
     )
 
 
+def _module_paths(obj: Any, weighted: bool) -> list[str]:
+    """A bare module's `named_modules()` paths (only those with a weight when `weighted`)."""
+    if not isinstance(obj, nn.Module):
+        return []
+    return [p for p, m in obj.named_modules() if p and (not weighted or hasattr(m, "weight"))]
+
+
 def site_map(obj: Any) -> dict[str, str]:
     """Site name -> "component.module.path" for a Model or a diffusers pipeline.
 
@@ -188,7 +195,7 @@ def resolve_many(obj: Any, sites: list[str]) -> dict[str, nn.Module]:
         module = _raw(obj, path) if path is not None else None
         module = module if module is not None else _raw(obj, site)
         if module is None:
-            known = list(table) or [p for p, _ in obj.named_modules() if p]
+            known = list(table) or _module_paths(obj, weighted=False)
             close = difflib.get_close_matches(site, known, n=3, cutoff=0.6) or known[:3]
             raise FadelabError(
                 f"unknown site {site!r}: valid sites include {', '.join(close)} ({len(known)} in all; "
@@ -205,7 +212,7 @@ def sites_matching(obj: Any, pattern: str) -> list[str]:
     Raises FadelabError when nothing matches.
     """
     table = site_map(obj)
-    names = list(table) or [p for p, m in obj.named_modules() if p and hasattr(m, "weight")]
+    names = list(table) or _module_paths(obj, weighted=True)
     hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
     if not hits:
         raise FadelabError(

@@ -181,6 +181,8 @@ def test_unknown_family_lists_the_choices():
     message = _one_line(err)
     assert "'sd15'" in message and "or a local diffusers folder" in message
     assert all(f in message for f in FAMILIES)
+    with pytest.raises(FadelabError, match="no folder at /no/such/pipeline"):
+        load("/no/such/pipeline")
 
 
 @pytest.mark.parametrize("scale", [0, -0.5, 1.5, float("nan"), "half", True])
