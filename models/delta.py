@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,20 +42,27 @@ Factors = tuple[Tensor, Tensor]
 Update = Union[Tensor, Factors]
 
 
-def _check_update(site: str, update: Any) -> None:
-    """Raise FadelabError unless `update` is a tensor or a (B, A) pair with B: (m, r), A: (r, n)."""
+def _as_update(site: str, update: Any) -> Update:
+    """`update` as a tensor or a (B, A) tuple of tensors with B: (m, r), A: (r, n).
+
+    numpy arrays become tensors and a [B, A] list a tuple (the store hands back arrays);
+    anything else raises FadelabError naming the site.
+    """
+    if isinstance(update, np.ndarray):
+        update = torch.from_numpy(update)
     if isinstance(update, Tensor):
-        return
-    if isinstance(update, tuple) and len(update) == 2 and all(isinstance(t, Tensor) for t in update):
-        b, a = update
-        if b.ndim == 2 and a.ndim == 2 and b.shape[1] == a.shape[0]:
-            return
-        raise FadelabError(
-            f"low-rank delta at site {site!r} needs B of shape (m, r) and A of shape (r, n); "
-            f"got B {tuple(b.shape)} and A {tuple(a.shape)}"
-        )
+        return update
+    if isinstance(update, (tuple, list)) and len(update) == 2:
+        b, a = (torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in update)
+        if isinstance(b, Tensor) and isinstance(a, Tensor):
+            if b.ndim == 2 and a.ndim == 2 and b.shape[1] == a.shape[0]:
+                return (b, a)
+            raise FadelabError(
+                f"low-rank delta at site {site!r} needs B of shape (m, r) and A of shape (r, n); "
+                f"got B {tuple(b.shape)} and A {tuple(a.shape)}"
+            )
     raise FadelabError(
-        f"delta at site {site!r} must be a tensor or a (B, A) tuple of tensors, got {type(update).__name__}"
+        f"delta at site {site!r} must be a tensor or a (B, A) pair of tensors, got {type(update).__name__}"
     )
 
 
@@ -65,7 +73,7 @@ class WeightDelta:
     Attributes:
         deltas: site name -> dW (a tensor with the weight's shape) or (B, A) with B: (m, r),
             A: (r, n) and dW = B @ A of shape (m, n). Low-rank factors are for 2-D weights
-            (linear layers, embeddings).
+            (linear layers, embeddings). numpy arrays and [B, A] lists are converted on creation.
         provenance: where the delta came from, e.g. {"method": "uce", "hparams": {...},
             "parent": "<id of the base or of the delta it was computed on>"}.
     """
@@ -74,10 +82,10 @@ class WeightDelta:
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for site, update in self.deltas.items():
+        for site, update in list(self.deltas.items()):
             if not isinstance(site, str):
                 raise FadelabError(f"site names are strings, got {site!r}")
-            _check_update(site, update)
+            self.deltas[site] = _as_update(site, update)
 
     # -- reading -------------------------------------------------------------------------------
 

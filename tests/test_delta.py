@@ -101,6 +101,13 @@ def test_bad_factors_are_refused():
         WeightDelta({"fc": [torch.ones(4, 6)]})
 
 
+def test_arrays_from_the_store_are_accepted():
+    b, a = _factors(4, 6, 2, seed=8)
+    d = WeightDelta({"fc": [b.numpy(), a.numpy()], "emb": torch.ones(10, 6).numpy()})
+    assert d.is_low_rank("fc") and torch.equal(d.dense("fc"), b @ a)
+    assert isinstance(d.dense("emb"), torch.Tensor)
+
+
 def test_composition_concatenates_low_rank_factors():
     (b1, a1), (b2, a2) = _factors(4, 6, 2, seed=3), _factors(4, 6, 3, seed=4)
     dense = torch.randn(10, 6, generator=torch.Generator().manual_seed(5))
