@@ -33,36 +33,36 @@ def test_site_table_is_the_same_at_real_width(model):
     assert model.sites == real
 
 
-def _names(sites, prefix, n, parts):
+def _names(prefix, n, parts):
     return {f"{prefix}.{i}.{p}" for i in range(n) for p in parts}
 
 
 def test_documented_names(model):
     sites = set(model.sites)
-    clip = _names({}, "text.mlp", 12, ["fc1", "fc2"]) | _names({}, "text.attn", 12, ["q", "k", "v", "out"])
+    clip = _names("text.mlp", 12, ["fc1", "fc2"]) | _names("text.attn", 12, ["q", "k", "v", "out"])
     assert clip | {"text.embed.token"} <= sites
     assert model.sites["text.embed.token"].endswith("embeddings.token_embedding")
     assert model.sites["text.mlp.7.fc2"].endswith("encoder.layers.7.mlp.fc2")
     assert model.sites["text.attn.0.out"].endswith("encoder.layers.0.self_attn.out_proj")
     if model.family == "sd14":
-        assert sites - clip - {"text.embed.token"} == _names({}, "unet.xattn", 16, ["to_q", "to_k", "to_v", "to_out"]) | _names(
+        assert sites - clip - {"text.embed.token"} == _names("unet.xattn", 16, ["to_q", "to_k", "to_v", "to_out"]) | _names(
             {}, "unet.sattn", 16, ["to_q", "to_k", "to_v", "to_out"]
         )
         assert model.sites["unet.xattn.0.to_k"] == "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
         assert model.sites["unet.xattn.15.to_out"] == "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
         assert model.sites["unet.sattn.6.to_q"] == "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     if model.family == "sdxl":
-        bigg = _names({}, "text2.mlp", 32, ["fc1", "fc2"]) | _names({}, "text2.attn", 32, ["q", "k", "v", "out"])
+        bigg = _names("text2.mlp", 32, ["fc1", "fc2"]) | _names("text2.attn", 32, ["q", "k", "v", "out"])
         assert bigg <= sites and model.sites["text2.mlp.31.fc1"].startswith("text_encoder_2.")
         assert len(sites_matching(model, "unet.xattn.*.to_k")) == 70  # 1*2*2 + 2*2*10 down, 3*10 + 3*2 up, 10 mid
     if model.family == "flux-schnell":
-        t5 = _names({}, "text2.mlp", 24, ["wi0", "wi1", "wo"]) | _names({}, "text2.attn", 24, ["q", "k", "v", "o"])
+        t5 = _names("text2.mlp", 24, ["wi0", "wi1", "wo"]) | _names("text2.attn", 24, ["q", "k", "v", "o"])
         assert t5 | {"text2.embed.token"} <= sites
         assert model.sites["text2.mlp.3.wi1"] == "text_encoder_2.encoder.block.3.layer.1.DenseReluDense.wi_1"
         assert model.sites["flux.context_embedder"] == "transformer.context_embedder"
         assert model.sites["flux.text_embedder"] == "transformer.time_text_embed.text_embedder.linear_1"
         double = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out", "to_add_out"]
-        assert _names({}, "dit.attn", 19, double) | _names({}, "dit.attn", 57, ["to_q", "to_k", "to_v"]) == {
+        assert _names("dit.attn", 19, double) | _names("dit.attn", 57, ["to_q", "to_k", "to_v"]) == {
             s for s in sites if s.startswith("dit.")
         }
         assert model.sites["dit.attn.19.to_q"] == "transformer.single_transformer_blocks.0.attn.to_q"
