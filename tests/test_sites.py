@@ -46,7 +46,7 @@ def test_documented_names(model):
     assert model.sites["text.attn.0.out"].endswith("encoder.layers.0.self_attn.out_proj")
     if model.family == "sd14":
         assert sites - clip - {"text.embed.token"} == _names("unet.xattn", 16, ["to_q", "to_k", "to_v", "to_out"]) | _names(
-            {}, "unet.sattn", 16, ["to_q", "to_k", "to_v", "to_out"]
+            "unet.sattn", 16, ["to_q", "to_k", "to_v", "to_out"]
         )
         assert model.sites["unet.xattn.0.to_k"] == "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
         assert model.sites["unet.xattn.15.to_out"] == "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
