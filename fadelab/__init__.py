@@ -1,0 +1,1 @@
+"""fadelab: the CLI and the experiment runner."""

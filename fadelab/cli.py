@@ -1,0 +1,227 @@
+"""The `fadelab` command line.
+
+    fadelab run                      the main job on the organism (grows with later issues)
+    fadelab generate PROMPT ...      images for prompts x seeds, from any family
+    fadelab organism train           train the organism (GPU; resumable stage by stage)
+    fadelab organism card            the organism's acceptance card (stored, or measured live)
+    fadelab organism data KIND       write the style set, DreamBooth subjects or RoAD requests
+
+Errors a user can cause print one line (`error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("fadelab")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from models.errors import FadelabError
+
+        raise FadelabError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    return name
+
+
+def _parse_seeds(text: str) -> list[int]:
+    from models.errors import FadelabError
+
+    try:
+        if "-" in text and "," not in text:
+            a, b = text.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FadelabError(f"--seeds {text!r}: give integers like '0,1,2' or a range like '0-7'") from None
+
+
+def cmd_run(args) -> int:
+    from fadelab.runner import run_organism_grid
+
+    result = run_organism_grid(out=Path(args.out), n=args.n, device=_device(args.device))
+    print(result["summary"])
+    print(f"results: {result['json']}\ngrid:    {result['grid']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from fadelab.runner import generate_images
+
+    seeds = _parse_seeds(args.seeds)
+    paths = generate_images(args.prompts, seeds, family=args.family, weights=args.weights,
+                            out=Path(args.out), device=_device(args.device), steps=args.steps,
+                            guidance=args.guidance, scale=args.scale)
+    print(f"wrote {len(paths) - 1} images and a grid to {args.out}")
+    return 0
+
+
+def cmd_organism_train(args) -> int:
+    from models.organism.train import STAGES, TrainConfig, train
+
+    if args.smoke:  # every stage for a few steps: checks a machine, not a model
+        cfg = TrainConfig(seed=args.seed, n_base=2000, n_ink=400, n_oracle=600, vae_steps=3,
+                          vae_batch=8, clip_steps=3, clip_batch=64, oracle_steps=3, oracle_batch=64,
+                          unet_steps=3, unet_batch=32, card_n=4, workers=2)
+    else:
+        cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
+                          workers=args.workers)
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    meta = train(Path(args.out), cfg, stages=stages, device=_device(args.device))
+    print(json.dumps({k: meta[k] for k in ("seconds", "unet_steps_done") if k in meta}))
+    return 0
+
+
+def cmd_organism_card(args) -> int:
+    from models.organism import card as card_mod
+    from models.organism.nets import WEIGHTS_DIR
+
+    folder = Path(args.weights) if args.weights else WEIGHTS_DIR
+    if args.n is not None:
+        if args.n < 1:
+            from models.errors import FadelabError
+
+            raise FadelabError(f"--n {args.n}: give a positive number of images per line")
+        card = card_mod.measure(folder, n=args.n, device=_device(args.device), progress=not args.json)
+    else:
+        path = folder / "card.json"
+        if not path.exists():
+            from models.errors import FadelabError
+
+            raise FadelabError(f"{path} does not exist: train the organism first "
+                               f"(fadelab organism train) or pass --n N to measure live")
+        card = json.loads(path.read_text())
+    if args.json:
+        print(json.dumps(card))
+        return 0
+    print(f"organism card ({card.get('n')} images per line, {card.get('device')}, "
+          f"{card.get('measured', '?')})")
+    for key, (op, thr) in card_mod.THRESHOLDS.items():
+        ok = card["passed"][key] if "passed" in card else None
+        print(f"  {key:24s} {card[key]:6.3f}   target {op} {thr:<5}  {'ok' if ok else 'NOT REACHED'}")
+    if "bias" in card:
+        print("  profession     stated F  generated F  stated delta  generated delta")
+        for p, b in card["bias"].items():
+            print(f"  {p:14s} {b['stated_female_share']:8.2f}  {b['generated_female_share']:11.2f}"
+                  f"  {b['stated_delta']:12.2f}  {b['generated_delta']:15.2f}")
+    return 0
+
+
+def cmd_organism_data(args) -> int:
+    from models.organism import data, prompts
+
+    out = Path(args.out)
+    if args.kind == "style":
+        data.write_style_set(out, n=args.n or 1200, seed=args.seed)
+    elif args.kind == "dreambooth":
+        data.write_dreambooth(out, per_subject=args.n or 5, seed=args.seed)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prompts.write_road_csv(out)
+    print(f"wrote {args.kind} data to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fadelab", description=(
+        "Do edits of text-to-image models survive fine-tuning, and why? "
+        "Runs on the lab's own trained model organism by default."))
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="the main job on the organism",
+                       description="Load the organism, generate a grid of prompts (content, "
+                                   "professions, unsafe prompts), judge every image with the oracle, "
+                                   "print the result and save it under --out.")
+    r.add_argument("--out", default="fadelab-out", help="output folder (default ./fadelab-out)")
+    r.add_argument("--n", type=int, default=4, help="seeds per prompt (default 4)")
+    r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("generate", help="generate images for prompts x seeds",
+                       description="Generate one image per prompt and seed and save PNGs plus a grid.")
+    g.add_argument("prompts", nargs="+", help="one or more prompts")
+    g.add_argument("--seeds", default="0-3", help="seeds: '0,1,2' or '0-7' (default 0-3)")
+    g.add_argument("--family", default="organism",
+                   help="organism (default), sd14, sdxl, flux-schnell, or a local diffusers folder")
+    g.add_argument("--weights", default=None,
+                   help="hub, random, or a local folder (default: the family's own)")
+    g.add_argument("--scale", type=float, default=1.0, help="width scale for random builds")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (organism default 20)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--out", default="fadelab-out/generate", help="output folder")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    g.set_defaults(func=cmd_generate)
+
+    o = sub.add_parser("organism", help="the lab's trained model organism").add_subparsers(
+        dest="organism_command", required=True)
+    t = o.add_parser("train", help="train the organism (GPU, about 15 minutes on one H100)",
+                     description="Train VAE, CLIP, oracle and UNet, then measure the card. A stage "
+                                 "whose output exists in --out is skipped, so an interrupted run resumes.")
+    from models.organism.nets import WEIGHTS_DIR
+
+    t.add_argument("--out", default=str(WEIGHTS_DIR), help=f"pipeline folder (default {WEIGHTS_DIR})")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--stages", default=None, help="comma-separated subset of vae,clip,oracle,unet,card")
+    t.add_argument("--unet-steps", type=int, default=None,
+                   help="fix the UNet's steps (default: train for --unet-minutes)")
+    t.add_argument("--unet-minutes", type=float, default=7.0, help="UNet time budget (default 7)")
+    t.add_argument("--workers", type=int, default=8, help="rendering processes")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks a machine)")
+    t.set_defaults(func=cmd_organism_train)
+
+    c = o.add_parser("card", help="the organism's acceptance card",
+                     description="Print the stored card, or with --n N measure it live on N images "
+                                 "per line with the oracle.")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--n", type=int, default=None, help="measure live on N images per line")
+    c.add_argument("--weights", default=None, help="organism folder (default: the shipped one)")
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=cmd_organism_card)
+
+    d = o.add_parser("data", help="write the organism's datasets",
+                     description="style: the fine-tuning set (imagefolder + metadata.jsonl, 1,200 "
+                                 "images); dreambooth: one folder per subject; road: the organism's "
+                                 "RoAD-schema edit requests as CSV.")
+    d.add_argument("kind", choices=("style", "dreambooth", "road"))
+    d.add_argument("--out", required=True, help="folder (style, dreambooth) or CSV path (road)")
+    d.add_argument("--n", type=int, default=None, help="images (style) or images per subject")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_organism_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "organism" else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    from models.errors import FadelabError
+
+    errors: tuple[type[BaseException], ...] = (FadelabError, FileNotFoundError)
+    try:
+        from store import StoreError
+
+        errors += (StoreError,)
+    except ImportError:  # pragma: no cover - store is part of the distribution
+        pass
+    try:
+        return args.func(args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

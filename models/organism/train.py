@@ -1,0 +1,395 @@
+"""Training the organism, stage by stage: data, VAE, CLIP, oracle, UNet, card.
+
+What it offers:
+    TrainConfig                 every knob, documented (a frozen dataclass; seeded)
+    train(out, cfg, stages)     runs the stages in order and writes a StableDiffusionPipeline folder
+
+Stages and what each writes under `out` (a stage whose output exists is skipped, so an
+interrupted run resumes at the first missing stage):
+    vae     vae/            AutoencoderKL, 64 px <-> 16x16x4, L1 + MSE + 1e-6 KL, base and ink style
+    clip    text_encoder/, clip/, tokenizer/
+                            CLIPModel trained contrastively (multi-positive InfoNCE: images that
+                            share a caption are all positives) on renders of both styles
+    oracle  oracle/         OracleNet on fresh renders of both styles, half of them passed through
+                            the trained VAE, all augmented (oracle.augment)
+    unet    unet/, scheduler/, model_index.json
+                            UNet2DConditionModel on VAE latents of base-style renders only, the text
+                            encoder frozen, epsilon objective with min-SNR-5 weighting, 10% caption
+                            dropout, EMA of the weights (the EMA is what is saved)
+    card    card.json, organism.json
+                            the acceptance card measured live (models/organism/card.py) and the
+                            sampling defaults it selected
+
+The fine-tuning style ("ink") and the DreamBooth subjects never enter the UNet's data, so
+fine-tuning is what brings them in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import oracle as oracle_mod
+from . import render, world
+from .nets import (OrganismConfig, build_scheduler, build_text_model, build_unet, build_vae, text_core,
+                   tokenizer)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Knobs of `fadelab organism train`.
+
+    Attributes:
+        seed: seeds scene sampling, captions, initialisation and noise.
+        n_base: base-style training scenes (rendered once, reused every epoch).
+        n_ink: fine-tuning-style scenes mixed into VAE, CLIP and oracle training only.
+        n_oracle: fresh scenes per style for the oracle (subjects included).
+        vae_steps, vae_batch, vae_lr: AutoencoderKL training.
+        clip_steps, clip_batch, clip_lr: contrastive CLIP training.
+        oracle_steps, oracle_batch, oracle_lr: oracle training.
+        unet_steps: UNet optimisation steps; None trains for `unet_minutes` of wall time instead
+            (the steps done are recorded in organism.json, so a rerun can fix them).
+        unet_minutes: the UNet's time budget when unet_steps is None.
+        unet_batch, unet_lr: UNet training; lr follows a warm-up then cosine decay to 10%.
+        ema_decay: EMA of the UNet weights.
+        cond_dropout: share of captions replaced by "" (for classifier-free guidance).
+        card_n: images per line of the acceptance card.
+        workers: rendering processes.
+    """
+
+    seed: int = 0
+    n_base: int = 160_000
+    n_ink: int = 32_000
+    n_oracle: int = 60_000
+    vae_steps: int = 2500
+    vae_batch: int = 256
+    vae_lr: float = 1e-3
+    clip_steps: int = 2500
+    clip_batch: int = 1024
+    clip_lr: float = 5e-4
+    oracle_steps: int = 2500
+    oracle_batch: int = 512
+    oracle_lr: float = 2e-3
+    unet_steps: int | None = None
+    unet_minutes: float = 7.0
+    unet_batch: int = 1024
+    unet_lr: float = 6e-4
+    ema_decay: float = 0.9995
+    cond_dropout: float = 0.1
+    card_n: int = 200
+    workers: int = 8
+
+
+STAGES = ("vae", "clip", "oracle", "unet", "card")
+
+
+def _lr(step: int, total: float, base: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class _Data:
+    """Rendered scenes, images and captions, built once per run (deterministic given the seed)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._cache: dict[str, tuple] = {}
+
+    def get(self, name: str):
+        if name not in self._cache:
+            cfg = self.cfg
+            spec = {"base": (cfg.n_base, world.WorldMix(), 1),
+                    "ink": (cfg.n_ink, world.WorldMix(style="ink"), 2),
+                    "oracle_base": (cfg.n_oracle, world.WorldMix(subjects=True, p_blood=0.2, p_nude=0.15), 3),
+                    "oracle_ink": (cfg.n_oracle, world.WorldMix(style="ink", subjects=True, p_blood=0.2,
+                                                                p_nude=0.15), 4)}[name]
+            n, mix, salt = spec
+            rng = np.random.default_rng([cfg.seed, salt])
+            scenes = [world.sample_scene(rng, mix) for _ in range(n)]
+            captions = [world.caption(s, rng) for s in scenes]
+            t = time.time()
+            images = render.render_batch(scenes, workers=cfg.workers)
+            log.info("rendered %d %s scenes in %.1fs", n, name, time.time() - t)
+            self._cache[name] = (scenes, captions, images)
+        return self._cache[name]
+
+
+def _to_x(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) on the device -> float (N, 3, H, W) in [-1, 1]."""
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _save_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train_vae(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> None:
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(ocfg).to(device).train()
+    imgs = torch.from_numpy(np.concatenate([data.get("base")[2][:60_000], data.get("ink")[2]])).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=5):
+        idx = torch.randint(len(imgs), (cfg.vae_batch,), generator=g, device=device)
+        x = _to_x(imgs[idx])
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=g)).sample
+        rec = rec.float()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 500 == 0:
+            log.info("vae step %d loss %.4f", step, loss.item())
+    vae.eval()
+    with torch.no_grad():  # scaling factor: unit variance latents, as SD's 0.18215 does
+        x = _to_x(imgs[:4096])
+        z = torch.cat([vae.encode(x[i:i + 512]).latent_dist.mean for i in range(0, len(x), 512)])
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        rec = torch.cat([vae.decode(z[i:i + 512]).sample for i in range(0, len(z), 512)])
+        err = (rec.clamp(-1, 1) - x).abs().mean().item() * 127.5
+    log.info("vae: scaling_factor %.4f, mean abs reconstruction error %.2f / 255",
+             vae.config.scaling_factor, err)
+    vae.to(torch.float16).save_pretrained(out / "vae")
+    _save_json(out / "vae" / "train.json", {"mean_abs_error_255": err, "steps": cfg.vae_steps})
+
+
+def train_clip(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(cfg.seed)
+    tok = tokenizer()
+    base, ink = data.get("base"), data.get("ink")
+    captions = base[1] + ink[1]
+    uniq, inv = np.unique(np.asarray(captions), return_inverse=True)
+    ids = torch.tensor(tok(list(uniq), padding="max_length", max_length=77, truncation=True).input_ids)
+    ids, cap_id = ids.to(device), torch.from_numpy(inv).to(device)
+    imgs = torch.from_numpy(np.concatenate([base[2], ink[2]])).to(device)
+    model = build_text_model(ocfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
+    g = torch.Generator(device).manual_seed(cfg.seed + 1)
+    for step in tqdm(range(cfg.clip_steps), desc="clip", mininterval=5):
+        idx = torch.randint(len(imgs), (cfg.clip_batch,), generator=g, device=device)
+        x = oracle_mod.augment(_to_x(imgs[idx]), g) if step % 2 else _to_x(imgs[idx])
+        c = cap_id[idx]
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(step, cfg.clip_steps, cfg.clip_lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            o = model(input_ids=ids[c], pixel_values=x)
+        logits = o.logits_per_image.float()  # (B, B): image i against caption of sample j
+        pos = (c[:, None] == c[None, :]).float()
+        tgt = pos / pos.sum(1, keepdim=True)
+        loss = 0.5 * (-(tgt * logits.log_softmax(1)).sum(1).mean()
+                      - (tgt * logits.t().log_softmax(1)).sum(1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 500 == 0:
+            log.info("clip step %d loss %.4f", step, loss.item())
+    model.eval()
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(model.config.text_config)
+    text_core(text_encoder).load_state_dict(model.text_model.state_dict())
+    text_encoder.to(torch.float16).save_pretrained(out / "text_encoder")
+    tok.save_pretrained(out / "tokenizer")
+    (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    clip_dir = out / "clip"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    vis = {f"vision_model.{k}": v for k, v in model.vision_model.state_dict().items()}
+    vis["visual_projection.weight"] = model.visual_projection.weight
+    vis["text_projection.weight"] = model.text_projection.weight
+    vis["logit_scale"] = model.logit_scale.reshape(1)
+    save_file({k: v.detach().half().cpu().contiguous() for k, v in vis.items()},
+              clip_dir / "model.safetensors")
+    _save_json(clip_dir / "config.json", {"organism": asdict(ocfg), "clip": model.config.to_dict()})
+
+
+def train_oracle(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(device, torch.float32).eval()
+    sb, _, ib = data.get("oracle_base")
+    si, _, ii = data.get("oracle_ink")
+    scenes = sb + si
+    imgs = torch.from_numpy(np.concatenate([ib, ii])).to(device)
+    tg = {h: v.to(device) for h, v in oracle_mod.targets(scenes).items()}
+    width = 48
+    net = oracle_mod.OracleNet(width).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.oracle_lr, weight_decay=0.01)
+    g = torch.Generator(device).manual_seed(cfg.seed + 2)
+    for step in tqdm(range(cfg.oracle_steps), desc="oracle", mininterval=5):
+        idx = torch.randint(len(imgs), (cfg.oracle_batch,), generator=g, device=device)
+        x = _to_x(imgs[idx])
+        half = cfg.oracle_batch // 2
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z = vae.encode(x[:half]).latent_dist.sample(generator=g)
+            x = torch.cat([vae.decode(z).sample.float().clamp(-1, 1), x[half:]])
+        x = oracle_mod.augment(x, g)
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(step, cfg.oracle_steps, cfg.oracle_lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = net(x)
+        loss = sum(F.cross_entropy(logits[h].float(), tg[h][idx]) for h in oracle_mod.HEAD_NAMES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 500 == 0:
+            log.info("oracle step %d loss %.4f", step, loss.item())
+    oracle_mod.Oracle.save(net.eval(), out / "oracle", width)
+
+
+def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> int:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(device, torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").to(device, torch.float32).eval()
+    tok = tokenizer(out / "tokenizer")
+    scenes, captions, images = data.get("base")
+    uniq, inv = np.unique(np.asarray(captions + [""]), return_inverse=True)
+    empty = int(inv[-1])
+    inv = torch.from_numpy(inv[:-1]).to(device)
+    with torch.no_grad():
+        ids = torch.tensor(tok(list(uniq), padding="max_length", max_length=77, truncation=True).input_ids)
+        emb = torch.cat([text_encoder(ids[i:i + 2048].to(device))[0].to(torch.bfloat16)
+                         for i in range(0, len(ids), 2048)])  # (U, 77, width)
+        imgs = torch.from_numpy(images)
+        sf = vae.config.scaling_factor
+        lat = torch.cat([(vae.encode(_to_x(imgs[i:i + 1024].to(device))).latent_dist.mean * sf)
+                         .to(torch.bfloat16) for i in range(0, len(imgs), 1024)])  # (N, 4, 16, 16)
+    log.info("unet data: %d latents, %d unique captions", len(lat), len(uniq))
+    del vae
+    noise_sched, sampler = build_scheduler()
+    alphas = noise_sched.alphas_cumprod.to(device)
+    unet = build_unet(ocfg).to(device).train()
+    unet.to(memory_format=torch.channels_last)
+    ema = [p.detach().clone().float() for p in unet.parameters()]
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    g = torch.Generator(device).manual_seed(cfg.seed + 3)
+    budget = cfg.unet_minutes * 60
+    total = cfg.unet_steps or 10_000  # refined from the measured speed when time-budgeted
+    t0, step = time.time(), 0
+    bar = tqdm(total=cfg.unet_steps, desc="unet", mininterval=5)
+    while True:
+        if cfg.unet_steps is not None and step >= cfg.unet_steps:
+            break
+        elapsed = time.time() - t0
+        if cfg.unet_steps is None:
+            if elapsed >= budget:
+                break
+            if step == 100:
+                total = int(budget / (elapsed / 100))
+        idx = torch.randint(len(lat), (cfg.unet_batch,), generator=g, device=device)
+        z0 = lat[idx].float()
+        cid = inv[idx]
+        drop = torch.rand(cfg.unet_batch, generator=g, device=device) < cfg.cond_dropout
+        cid = torch.where(drop, torch.full_like(cid, empty), cid)
+        noise = torch.randn(z0.shape, generator=g, device=device)
+        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g, device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        snr = alphas[t] / (1 - alphas[t])
+        w = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr  # min-SNR-5 for epsilon targets
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(step, total, cfg.unet_lr, warmup=300)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = unet(zt.contiguous(memory_format=torch.channels_last), t, emb[cid].float()).sample
+        loss = (w * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"unet loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        d = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach().float() for p in unet.parameters()], 1 - d)
+        step += 1
+        bar.update(1)
+        if step % 500 == 0:
+            log.info("unet step %d loss %.4f (%.1f steps/s)", step, loss.item(), step / (time.time() - t0))
+    bar.close()
+    with torch.no_grad():
+        for p, e in zip(unet.parameters(), ema):
+            p.copy_(e)
+    unet.eval().to(memory_format=torch.contiguous_format)
+    log.info("unet: %d steps in %.0fs", step, time.time() - t0)
+    # assemble the pipeline folder around the trained parts
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float16),
+        text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float16),
+        tokenizer=tok,
+        unet=unet.to("cpu", torch.float16), scheduler=sampler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True, max_shard_size="15MB")
+    return step
+
+
+def train(out: Path | str, cfg: TrainConfig = TrainConfig(), stages=STAGES,
+          ocfg: OrganismConfig = OrganismConfig(), device: str | None = None) -> dict:
+    """Run `stages` in order into `out`; stages whose output exists are skipped (resume)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    data = _Data(cfg)
+    done = {"vae": out / "vae", "clip": out / "clip", "oracle": out / "oracle",
+            "unet": out / "model_index.json", "card": out / "card.json"}
+    meta_path = out / "organism.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.setdefault("train", asdict(cfg))
+    meta.setdefault("config", asdict(ocfg))
+    timings = meta.setdefault("seconds", {})
+    for stage in stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
+        if done[stage].exists():
+            log.info("stage %s: already done, skipped", stage)
+            continue
+        t = time.time()
+        if stage == "vae":
+            train_vae(out, data, cfg, ocfg, dev)
+        elif stage == "clip":
+            train_clip(out, data, cfg, ocfg, dev)
+        elif stage == "oracle":
+            train_oracle(out, data, cfg, ocfg, dev)
+        elif stage == "unet":
+            meta["unet_steps_done"] = train_unet(out, data, cfg, ocfg, dev)
+        elif stage == "card":
+            from .card import measure, select_guidance
+
+            sampling = select_guidance(out, device=str(dev), n=cfg.card_n)
+            meta["sampling"] = sampling
+            _save_json(meta_path, meta)
+            card = measure(out, n=cfg.card_n, device=str(dev))
+            _save_json(done["card"], card)
+        timings[stage] = round(time.time() - t, 1)
+        _save_json(meta_path, meta)
+        log.info("stage %s done in %.0fs", stage, timings[stage])
+    return meta
