@@ -13,7 +13,9 @@ if [ "$mode" = start ]; then
   python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   rm -rf /tmp/smoke "$run"
-  python3 -m fadelab.cli organism train --out /tmp/smoke --smoke || exit 1
+  [ "${SMOKE:-1}" = 1 ] && { python3 -m fadelab.cli organism train --out /tmp/smoke --smoke || exit 1; }
+  # resume from stage outputs carried in scratch/organism-run (an earlier call's results)
+  [ -d scratch/organism-run ] && mkdir -p "$run" && cp -r scratch/organism-run/. "$run/"
   setsid nohup python3 -m fadelab.cli organism train --out "$run" --device cuda > /tmp/organism-train.log 2>&1 < /dev/null &
 fi
 t=0

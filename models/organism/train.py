@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from . import oracle as oracle_mod
 from . import render, world
-from .nets import (OrganismConfig, build_scheduler, build_text_model, build_unet, build_vae, text_core,
+from .nets import (TOKENIZER_DIR, OrganismConfig, build_scheduler, build_text_model, build_unet, build_vae, text_core,
                    tokenizer)
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,23 @@ def _to_x(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _copy_tokenizer(out: Path) -> None:
+    """Put the shipped CLIP BPE files (vocab.json, merges.txt, config) in out/tokenizer/.
+
+    Copied, never re-saved: a tokenizer's save_pretrained writes only what its backend keeps,
+    which differs across transformers versions.
+    """
+    dst = out / "tokenizer"
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "tokenizer.json").unlink(missing_ok=True)
+    if dst.resolve() == TOKENIZER_DIR.resolve():
+        return
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER_DIR / name, dst / name)
+    if len(tokenizer(dst)("an apple").input_ids) != 4:
+        raise RuntimeError(f"the tokenizer copied to {dst} does not tokenize 'an apple' as CLIP does")
+
+
 def _save_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str))
 
@@ -213,8 +231,7 @@ def train_clip(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
     text_encoder = CLIPTextModel(model.config.text_config)
     text_core(text_encoder).load_state_dict(model.text_model.state_dict())
     text_encoder.to(torch.float16).save_pretrained(out / "text_encoder")
-    tok.save_pretrained(out / "tokenizer")
-    (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    _copy_tokenizer(out)
     clip_dir = out / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
     vis = {f"vision_model.{k}": v for k, v in model.vision_model.state_dict().items()}
@@ -268,7 +285,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL.from_pretrained(out / "vae").to(device, torch.float32).eval()
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").to(device, torch.float32).eval()
-    tok = tokenizer(out / "tokenizer")
+    tok = tokenizer()
     scenes, captions, images = data.get("base")
     uniq, inv = np.unique(np.asarray(captions + [""]), return_inverse=True)
     empty = int(inv[-1])
@@ -346,6 +363,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         unet=unet.to("cpu", torch.float16), scheduler=sampler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size="15MB")
+    _copy_tokenizer(out)
     return step
 
 
