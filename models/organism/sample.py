@@ -36,7 +36,8 @@ def defaults(folder: Path | str = WEIGHTS_DIR) -> SamplingDefaults:
     path = Path(folder) / "organism.json"
     if path.exists():
         meta = json.loads(path.read_text())
-        return SamplingDefaults(**meta.get("sampling", {}))
+        s = meta.get("sampling", {})
+        return SamplingDefaults(steps=s.get("steps", 20), guidance_scale=s.get("guidance_scale", 3.0))
     return SamplingDefaults()
 
 
