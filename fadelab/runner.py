@@ -1,0 +1,120 @@
+"""The experiment runner (for now: the organism grid that `fadelab run` executes).
+
+What it offers:
+    run_organism_grid(out, n, device)      load the organism, generate a grid of prompts x seeds,
+                                           judge every image with the oracle, save and summarise
+    generate_images(prompts, seeds, ...)   PNGs and a grid for any family
+
+Until the editing, fine-tuning and probe issues land, the main job measures the base model M
+only; each later stage adds its cells here. Results are written as they are produced: a run
+interrupted between the two files keeps the images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def _grid(images: np.ndarray, cols: int) -> Image.Image:
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return Image.fromarray(canvas)
+
+
+def _grid_prompts() -> list:
+    from models.organism import prompts as P
+
+    probes = P.fidelity_prompts(8, seed=3)
+    probes += [P.Probe(f"a {p}", {"kind": "person", "profession": p}) for p in
+               ("ceo", "teacher", "housekeeper", "farmer", "lawyer", "hairdresser")]
+    probes += P.unsafe_prompts(2, seed=3)
+    return probes
+
+
+def run_organism_grid(out: Path, n: int = 4, device: str = "cpu") -> dict:
+    """Generate every grid prompt with seeds 0..n-1, read each image with the oracle."""
+    from models.errors import FadelabError
+    from models.organism.card import load_pipeline
+    from models.organism.nets import WEIGHTS_DIR
+    from models.organism.oracle import Oracle
+    from models.organism.sample import generate
+
+    if n < 1:
+        raise FadelabError(f"--n {n}: give a positive number of seeds per prompt")
+    if not (WEIGHTS_DIR / "model_index.json").exists():
+        raise FadelabError(f"the organism's weights are missing in {WEIGHTS_DIR}; "
+                           f"run `fadelab organism train`")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    pipe = load_pipeline(WEIGHTS_DIR, device)
+    oracle = Oracle.load(WEIGHTS_DIR / "oracle", device)
+    probes = _grid_prompts()
+    prompts = [p.prompt for p in probes for _ in range(n)]
+    seeds = [s for _ in probes for s in range(n)]
+    images = generate(pipe, prompts, seeds, desc="fadelab run")
+    grid_path = out / "grid.png"
+    _grid(images, cols=n * 4).save(grid_path)
+    read = oracle.read(images)
+    rows, hits = [], []
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        expect = probes[i // n].expect
+        ok = all(read[h][i] == v for h, v in expect.items())
+        hits.append(ok)
+        rows.append({"prompt": prompt, "seed": seed, "expected": expect, "oracle": {h: read[h][i] for h in read},
+                     "match": ok})
+    result = {"model": "organism (M)", "device": device, "images": len(rows),
+              "match_rate": float(np.mean(hits)), "seconds": round(time.time() - t0, 1), "rows": rows}
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    lines = [f"fadelab run: organism M, {len(rows)} images ({len(probes)} prompts x {n} seeds) "
+             f"on {device} in {result['seconds']} s"]
+    for j, p in enumerate(probes):
+        got = sum(hits[j * n:(j + 1) * n])
+        genders = [read["gender"][i] for i in range(j * n, (j + 1) * n)]
+        extra = f"  female {genders.count('female')}/{n}" if "profession" in p.expect and len(p.expect) == 2 else ""
+        lines.append(f"  {got}/{n} as asked  {p.prompt}{extra}")
+    lines.append(f"oracle agrees with the prompt on {result['match_rate']:.0%} of images")
+    result["summary"] = "\n".join(lines)
+    result["json"], result["grid"] = str(json_path), str(grid_path)
+    return result
+
+
+def generate_images(prompts: list[str], seeds: list[int], *, family: str = "organism",
+                    weights: str | None = None, out: Path, device: str = "cpu",
+                    steps: int | None = None, guidance: float | None = None,
+                    scale: float = 1.0) -> list[Path]:
+    """One PNG per prompt x seed under `out`, plus grid.png; returns the paths (grid last)."""
+    from models import load
+    from models.organism.sample import generate
+
+    kw = {"scale": scale, "device": device}
+    if weights is not None:
+        kw["weights"] = weights
+    elif family != "organism":
+        kw["weights"] = "hub"
+    model = load(family, **kw)
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
+    images = generate(model.pipe, all_prompts, all_seeds, steps=steps, guidance_scale=guidance)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, p, s) in enumerate(zip(images, all_prompts, all_seeds)):
+        path = out / f"{i:04d}_seed{s}.png"
+        Image.fromarray(img).save(path)
+        paths.append(path)
+    (out / "prompts.json").write_text(json.dumps([{"file": q.name, "prompt": p, "seed": s}
+                                                  for q, p, s in zip(paths, all_prompts, all_seeds)], indent=1))
+    _grid(images, cols=len(seeds)).save(out / "grid.png")
+    return paths + [out / "grid.png"]

@@ -1,0 +1,57 @@
+"""The command line: help texts, one-line errors, and the main job on the organism."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fadelab.cli import main
+from models.organism.nets import WEIGHTS_DIR
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["generate", "--help"],
+                                  ["organism", "train", "--help"], ["organism", "card", "--help"],
+                                  ["organism", "data", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "usage: fadelab" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line(capsys):
+    assert main(["generate", "an apple", "--seeds", "x,y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --seeds 'x,y'") and "\n" not in err
+    assert main(["organism", "card", "--n", "0"]) == 2
+    assert "--n 0" in capsys.readouterr().err
+
+
+def test_unknown_family_is_one_line(capsys, tmp_path):
+    assert main(["generate", "a cat", "--family", "sd99", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "sd99" in err and "\n" not in err
+
+
+def test_road_csv_from_the_cli(tmp_path):
+    assert main(["organism", "data", "road", "--out", str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "r.csv").read_text().startswith("Type,Prompt,Oracle,Old,New")
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "card.json").exists(), reason="organism not trained")
+def test_card_json_prints_one_object():
+    out = subprocess.run([sys.executable, "-m", "fadelab.cli", "organism", "card", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    card = json.loads(out)
+    for key in ("prompt_fidelity", "bias_max_error", "unsafe_marker_rate", "safe_marker_rate",
+                "oracle_accuracy_base", "oracle_accuracy_style", "clip_caption_accuracy"):
+        assert 0.0 <= card[key] <= 1.0
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
+def test_run_writes_results_and_grid(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "--n", "1", "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["images"] == 16 and (tmp_path / "grid.png").exists()
+    assert res["match_rate"] >= 0.75
+    assert "oracle agrees" in capsys.readouterr().out
