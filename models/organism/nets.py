@@ -7,7 +7,7 @@ What it offers:
     build_unet(cfg)         diffusers UNet2DConditionModel with cross-attention to the text tower
     build_scheduler()       the training noise schedule (SD1.4's betas) and the sampler
     tokenizer()             the real CLIP BPE tokenizer (files derived from open_clip's merges)
-    save_pipeline(...)      an ordinary StableDiffusionPipeline folder + clip/ and oracle/ extras
+    save_clip(model, folder, cfg)  the CLIP's vision tower and projections (folder/clip/)
     load_clip(folder)       the organism's CLIPModel, assembled from text_encoder/ and clip/
 
 Layout of the shipped folder (models/organism/weights), loadable by
@@ -147,36 +147,23 @@ def build_scheduler():
     return DDPMScheduler(**kw, clip_sample=False), DPMSolverMultistepScheduler(**kw)
 
 
-def save_pipeline(folder: Path, *, text_model, vae, unet, cfg: OrganismConfig,
-                  dtype=torch.float16, max_shard_size: str = "15MB") -> None:
-    """Write an ordinary StableDiffusionPipeline folder, plus clip/ for the organism's CLIP.
+def save_clip(model, folder: Path, cfg: OrganismConfig, dtype=torch.float16) -> None:
+    """Write folder/clip/: the CLIP's vision tower, both projections and the logit scale.
 
-    Weights are stored in `dtype` (fp16 keeps every file under 16 MiB and all under 40 MiB);
-    the UNet is sharded with an index file, which `from_pretrained` reads.
+    The text tower is not repeated here: it is the pipeline's text_encoder/ (see load_clip).
     """
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    text_encoder = CLIPTextModel(text_model.config.text_config)
-    text_core(text_encoder).load_state_dict(text_model.text_model.state_dict())
-    _, sampler = build_scheduler()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer(),
-                                   unet=unet, scheduler=sampler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.to(dtype=dtype)
-    pipe.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
-    clip_dir = folder / "clip"
+    clip_dir = Path(folder) / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
-    vis = {f"vision_model.{k}": v for k, v in text_model.vision_model.state_dict().items()}
-    vis["visual_projection.weight"] = text_model.visual_projection.weight
-    vis["text_projection.weight"] = text_model.text_projection.weight
-    vis["logit_scale"] = text_model.logit_scale.reshape(1)
-    save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in vis.items()},
+    vis = {f"vision_model.{k}": v for k, v in model.vision_model.state_dict().items()}
+    vis["visual_projection.weight"] = model.visual_projection.weight
+    vis["text_projection.weight"] = model.text_projection.weight
+    vis["logit_scale"] = model.logit_scale.reshape(1)
+    save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in vis.items()},
               clip_dir / "model.safetensors")
     (clip_dir / "config.json").write_text(json.dumps(
-        {"organism": asdict(cfg), "clip": text_model.config.to_dict()}, indent=1, default=str))
+        {"organism": asdict(cfg), "clip": model.config.to_dict()}, indent=1, default=str))
 
 
 def load_clip(folder: Path | str = WEIGHTS_DIR, device="cpu", dtype=torch.float32, text_encoder=None):

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from . import oracle as oracle_mod
 from . import render, world
-from .nets import (TOKENIZER_DIR, OrganismConfig, build_scheduler, build_text_model, build_unet, build_vae, text_core,
+from .nets import (TOKENIZER_DIR, OrganismConfig, build_scheduler, build_text_model, build_unet, build_vae, save_clip,
+                   text_core,
                    tokenizer)
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,6 @@ def train_vae(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, de
 
 
 def train_clip(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> None:
-    from safetensors.torch import save_file
-
     torch.manual_seed(cfg.seed)
     tok = tokenizer()
     base, ink = data.get("base"), data.get("ink")
@@ -232,15 +231,7 @@ def train_clip(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
     text_core(text_encoder).load_state_dict(model.text_model.state_dict())
     text_encoder.to(torch.float16).save_pretrained(out / "text_encoder")
     _copy_tokenizer(out)
-    clip_dir = out / "clip"
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    vis = {f"vision_model.{k}": v for k, v in model.vision_model.state_dict().items()}
-    vis["visual_projection.weight"] = model.visual_projection.weight
-    vis["text_projection.weight"] = model.text_projection.weight
-    vis["logit_scale"] = model.logit_scale.reshape(1)
-    save_file({k: v.detach().half().cpu().contiguous() for k, v in vis.items()},
-              clip_dir / "model.safetensors")
-    _save_json(clip_dir / "config.json", {"organism": asdict(ocfg), "clip": model.config.to_dict()})
+    save_clip(model, out, ocfg)
 
 
 def train_oracle(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> None:
