@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=None, help="images (style) or images per subject")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_organism_data)
+
+    import importlib
+
+    from fadelab.commands import MODULES
+
+    for name in MODULES:
+        importlib.import_module(f"fadelab.commands.{name}").register(sub)
     return p
 
 
