@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from store import codec
-from store.core import _encode_member, _set_attrs, get_attrs, read_ds
+from store.core import _encode_member, _set_attrs, get_attrs, read_ds, visit_items
 from store.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -226,5 +226,5 @@ class ActivationsMixin:
             if isinstance(obj, h5py.Group) and "data" in obj and "rows_done" in obj.attrs:
                 variant, _, site = name.rpartition("/")
                 out.append((variant, site))
-        self.h5["activations"].visititems(visit)
+        visit_items(self.h5["activations"], visit)
         return sorted(out)

@@ -87,6 +87,19 @@ def _set_attrs(obj, attrs: dict[str, Any] | None) -> None:
         obj.attrs["_json"] = json.dumps(json_names)
 
 
+def visit_items(group: h5py.Group, fn, prefix: str = "") -> None:
+    """Call fn(relative_name, obj) for every object under `group`, following external links.
+
+    h5py's own ``visititems`` stops at external links, and a merged grid store (`fadelab merge`)
+    is made of them.
+    """
+    for name, obj in group.items():
+        rel = f"{prefix}{name}"
+        fn(rel, obj)
+        if isinstance(obj, h5py.Group):
+            visit_items(obj, fn, rel + "/")
+
+
 def get_attrs(obj) -> dict[str, Any]:
     """User attributes of an entry (JSON ones decoded, store bookkeeping dropped)."""
     json_names = set(json.loads(obj.attrs.get("_json", "[]")))
@@ -131,7 +144,10 @@ class StoreCore:
         jf = JournaledFile(path, writable=(mode == "a"), fsync=fsync)
         try:
             new = mode == "a" and os.fstat(jf._fd).st_size == 0
-            h5 = h5py.File(jf, "a" if mode == "a" else "r", libver=LIBVER, locking=False)
+            # A reader holds the shared lock through `jf` and reads through HDF5's own driver,
+            # so that external links (`fadelab merge` joins cell files with them) resolve.
+            h5 = (h5py.File(jf, "a", libver=LIBVER, locking=False) if mode == "a"
+                  else h5py.File(path, "r", locking=False))
         except BaseException as e:
             jf.close(clean=False)
             if isinstance(e, OSError):

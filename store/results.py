@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from store import codec
-from store.core import get_attrs
+from store.core import get_attrs, visit_items
 from store.errors import StoreError
 from store.weights import step_name
 
@@ -141,7 +141,7 @@ class ResultsMixin:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset) and int(obj.attrs.get("complete", 0)) == 1:
                 out.append({"value": float(obj[()]), **get_attrs(obj)})
-        self.h5["metrics"].visititems(visit)
+        visit_items(self.h5["metrics"], visit)
         return out
 
     # -- named arrays (probe tables) ---------------------------------------------------------

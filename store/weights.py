@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from store import codec
-from store.core import get_attrs
+from store.core import get_attrs, visit_items
 from store.errors import StoreError
 
 
@@ -107,7 +107,7 @@ class WeightsMixin:
                 if any(int(v.attrs.get("complete", 0)) == 1 for v in obj.values()):
                     out.append(name.rsplit("/", 1)[0])
         if "deltas" in self.h5:
-            self.h5["deltas"].visititems(lambda n, o: visit(n, o) if hasattr(o, "keys") else None)
+            visit_items(self.h5["deltas"], lambda n, o: visit(n, o) if hasattr(o, "keys") else None)
         return sorted(set(out))
 
     def sites(self, variant: str, step: int | None = None) -> list[str]:
