@@ -5,4 +5,4 @@ module named in MODULES, so a room adds its commands by adding one file and one 
 Command modules parse arguments and call library functions; library code never sees argparse.
 """
 
-MODULES: tuple[str, ...] = ("edit", "finetune", "evaluate")
+MODULES: tuple[str, ...] = ("edit", "finetune", "evaluate", "bench", "grid")

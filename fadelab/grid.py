@@ -1,0 +1,342 @@
+"""The experiment grid: a TOML config becomes independent cells with stable ids and own stores.
+
+What it offers:
+    Experiment, load_experiment(path)   the parsed config (frozen); bad input -> FadelabError
+    Cell, cells(exp)                     every unit of work, ordered so dependencies come first
+    parse_shard("i/n"), shard(cells, i, n)   one slice of the grid for one process or array task
+    cell_path(out, cell), cell_done(path)     where a cell writes, and whether it finished
+    status(exp, out)                     done / partial / missing per cell
+    merge(exp, out)                      DIR/experiment.h5: one store joining every cell file by
+                                         HDF5 external links (no array is copied)
+
+The cells of a grid, with the variant each one produces (docs/store.md names variants):
+
+    base                    M                the unedited model, evaluated once
+    edit.<e>                M_ed/<e>         an edit (UCE, ReFACT) and its behaviour
+    finetune.<f>            M_ft/<f>         a fine-tune of the base model
+    edit_finetune.<e>.<f>   M_ed_ft/<e>/<f>  the fine-tune on top of the edit, probes, causal tests
+
+A cell's id is ``<kind>.<edit>.<finetune>.<hash>``, the hash over the canonical JSON of
+everything that decides its result (model, seed, samples, the edit's and the fine-tune's
+sections), so renaming nothing and changing a hyperparameter gives a new id, and a cell that
+finished is never recomputed. Each cell writes its own store file (HDF5 has one writer per
+file), so any number of processes, GPUs or Slurm array tasks can run cells side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.errors import FadelabError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+EDIT_METHODS = ("uce-erase", "uce-moderate", "uce-replace", "uce-debias", "refact")
+FINETUNE_METHODS = ("full", "lora", "dora", "dreambooth", "textual-inversion")
+SECTIONS = ("experiment", "samples", "edit", "finetune", "ablation", "probes", "report")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A parsed experiment config.
+
+    Attributes:
+        name: short name of the experiment (letters, digits, - and _).
+        family: organism, sd14, sdxl, flux-schnell, or a local diffusers folder.
+        weights: "default" (the organism's shipped weights; the hub for real families),
+            "hub", "random" (the exact architecture, random weights) or a local folder.
+        scale: width scale for random builds (1.0 = the real sizes).
+        seed: the experiment's seed; every cell derives its generators from it.
+        smoke: a tiny run that proves the grid executes (few steps, few images).
+        samples: sample sizes of the behavioural evaluation ([samples]).
+        edits: the [[edit]] tables (id, method, request fields, [edit.hparams]).
+        finetunes: the [[finetune]] tables after the rank ablation is expanded.
+        probes, report: their sections, passed to the probes and the report as they are.
+        text: the config's text, recorded in every store.
+    """
+
+    name: str
+    family: str
+    weights: str
+    scale: float
+    seed: int
+    smoke: bool
+    samples: dict
+    edits: tuple[dict, ...]
+    finetunes: tuple[dict, ...]
+    probes: dict
+    report: dict
+    text: str
+
+    def edit(self, edit_id: str) -> dict:
+        return _by_id(self.edits, edit_id, "edit")
+
+    def finetune(self, ft_id: str) -> dict:
+        return _by_id(self.finetunes, ft_id, "finetune")
+
+
+def _by_id(tables: tuple[dict, ...], wanted: str, kind: str) -> dict:
+    for table in tables:
+        if table["id"] == wanted:
+            return table
+    raise FadelabError(f"no {kind} with id {wanted!r}; ids are {[t['id'] for t in tables]}")
+
+
+def _check_id(value: Any, where: str) -> str:
+    ok = isinstance(value, str) and value and all(c.isalnum() or c in "-_" for c in value)
+    if not ok:
+        raise FadelabError(f"{where}: id {value!r} must be a non-empty string of letters, digits, - and _")
+    return value
+
+
+def _tables(raw: dict, section: str, methods: tuple[str, ...], source: str) -> list[dict]:
+    tables = raw.get(section, [])
+    if isinstance(tables, dict):
+        tables = [tables]
+    seen: set[str] = set()
+    out = []
+    for i, table in enumerate(tables):
+        where = f"{source}: [[{section}]] #{i + 1}"
+        ident = _check_id(table.get("id"), where)
+        if ident in seen:
+            raise FadelabError(f"{where}: id {ident!r} is used twice")
+        seen.add(ident)
+        if table.get("method") not in methods:
+            raise FadelabError(f"{where} ({ident}): method {table.get('method')!r} is not one of "
+                               f"{', '.join(methods)}")
+        out.append(copy.deepcopy(table))
+    return out
+
+
+def _expand_ranks(finetunes: list[dict], ablation: dict, source: str) -> list[dict]:
+    """[ablation] lora_ranks = [4, 8, 16] adds, per LoRA/DoRA fine-tune, one copy per other rank
+    with id <id>-r<rank>; the listed fine-tune keeps its own rank."""
+    ranks = ablation.get("lora_ranks", [])
+    if not isinstance(ranks, list) or not all(isinstance(r, int) and r > 0 for r in ranks):
+        raise FadelabError(f"{source}: [ablation] lora_ranks = {ranks!r} must be a list of positive integers")
+    out = []
+    for ft in finetunes:
+        out.append(ft)
+        if ft["method"] not in ("lora", "dora"):
+            continue
+        own = ft.get("hparams", {}).get("rank")
+        for r in ranks:
+            if r == own:
+                continue
+            extra = copy.deepcopy(ft)
+            extra["id"] = f"{ft['id']}-r{r}"
+            extra.setdefault("hparams", {})["rank"] = r
+            extra["ablation_of"] = ft["id"]
+            out.append(extra)
+    return out
+
+
+def load_experiment(path: str | os.PathLike | None = None) -> Experiment:
+    """Parse an experiment config (default experiments/organism.toml).
+
+    A bare name such as "sd14" means experiments/sd14.toml. Raises FadelabError naming the file
+    and the bad value for unknown sections, methods, duplicate ids or a wrong type.
+    """
+    if path is None:
+        path = EXPERIMENTS_DIR / "organism.toml"
+    path = Path(path)
+    if not path.suffix and not path.exists():
+        path = EXPERIMENTS_DIR / f"{path}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+        raise FadelabError(f"experiment config {str(path)!r} does not exist; shipped configs: {known}")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FadelabError(f"{path}: not valid TOML: {e}") from None
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise FadelabError(f"{path}: unknown section(s) {unknown}; accepted: {list(SECTIONS)}")
+    head = raw.get("experiment", {})
+    try:
+        scale = float(head.get("scale", 1.0))
+        seed = int(head.get("seed", 0))
+    except (TypeError, ValueError):
+        raise FadelabError(f"{path}: [experiment] scale and seed must be numbers") from None
+    edits = _tables(raw, "edit", EDIT_METHODS, str(path))
+    finetunes = _expand_ranks(_tables(raw, "finetune", FINETUNE_METHODS, str(path)),
+                              raw.get("ablation", {}), str(path))
+    return Experiment(
+        name=_check_id(head.get("name", path.stem), f"{path}: [experiment] name"),
+        family=str(head.get("family", "organism")), weights=str(head.get("weights", "default")),
+        scale=scale, seed=seed, smoke=bool(head.get("smoke", False)),
+        samples=dict(raw.get("samples", {})), edits=tuple(edits), finetunes=tuple(finetunes),
+        probes=dict(raw.get("probes", {})), report=dict(raw.get("report", {})), text=text)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: kind in {base, edit, finetune, edit_finetune}, with its edit and
+    fine-tune ids (None where the kind has none) and a stable id."""
+
+    kind: str
+    edit: str | None
+    finetune: str | None
+    id: str
+
+    @property
+    def variant(self) -> str:
+        return {"base": "M", "edit": f"M_ed/{self.edit}", "finetune": f"M_ft/{self.finetune}",
+                "edit_finetune": f"M_ed_ft/{self.edit}/{self.finetune}"}[self.kind]
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Kinds of cells whose results this one reuses when they are done (else recomputes)."""
+        return ("edit",) if self.kind == "edit_finetune" else ()
+
+
+def _cell_id(exp: Experiment, kind: str, edit: str | None, ft: str | None) -> str:
+    decisive = {"family": exp.family, "weights": exp.weights, "scale": exp.scale, "seed": exp.seed,
+                "smoke": exp.smoke, "samples": exp.samples, "probes": exp.probes,
+                "edit": exp.edit(edit) if edit else None, "finetune": exp.finetune(ft) if ft else None,
+                "kind": kind}
+    digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{kind}.{edit or '-'}.{ft or '-'}.{digest}"
+
+
+def cells(exp: Experiment) -> list[Cell]:
+    """Every cell of the grid: base, edits, fine-tunes, then edit x fine-tune."""
+    out = [Cell("base", None, None, _cell_id(exp, "base", None, None))]
+    out += [Cell("edit", e["id"], None, _cell_id(exp, "edit", e["id"], None)) for e in exp.edits]
+    out += [Cell("finetune", None, f["id"], _cell_id(exp, "finetune", None, f["id"]))
+            for f in exp.finetunes]
+    out += [Cell("edit_finetune", e["id"], f["id"], _cell_id(exp, "edit_finetune", e["id"], f["id"]))
+            for e in exp.edits for f in exp.finetunes]
+    return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """"i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise FadelabError(f"--shard {text!r}: give i/n with integers, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise FadelabError(f"--shard {text!r}: needs n >= 1 and 0 <= i < n")
+    return i, n
+
+
+def shard(all_cells: list[Cell], i: int, n: int) -> list[Cell]:
+    """Cells i, i + n, i + 2n, ... (every cell lands in exactly one of the n shards)."""
+    return all_cells[i::n]
+
+
+def cell_path(out: str | os.PathLike, cell: Cell) -> Path:
+    return Path(out) / "cells" / f"{cell.id}.h5"
+
+
+def done_mark(cell: Cell) -> str:
+    """The store array a cell writes last: /arrays/cell_done/<cell id> (one owner per cell)."""
+    return f"cell_done/{cell.id}"
+
+
+def cell_done(path: str | os.PathLike, cell: Cell) -> bool:
+    """Whether the cell store at `path` holds the cell's completion mark (written last)."""
+    from store import Store, StoreError
+
+    if not Path(path).exists():
+        return False
+    try:
+        with Store.open(path, "r") as st:
+            return st.is_complete(f"/arrays/{done_mark(cell)}")
+    except StoreError:
+        return False
+
+
+def status(exp: Experiment, out: str | os.PathLike) -> list[tuple[Cell, str]]:
+    """(cell, "done" | "partial" | "missing") for every cell of the grid."""
+    rows = []
+    for cell in cells(exp):
+        path = cell_path(out, cell)
+        rows.append((cell, "done" if cell_done(path, cell) else "partial" if path.exists() else "missing"))
+    return rows
+
+
+def _link_tree(files: list[Path], root: Path) -> dict:
+    """A trie of HDF5 paths: a node owned by one file becomes a link, a shared node a group."""
+    import h5py
+
+    owners: dict[str, set[int]] = {}
+    kinds: dict[str, str] = {}
+    for k, path in enumerate(files):
+        with h5py.File(path, "r", locking=False) as f:
+            def walk(group, prefix):
+                for name, obj in group.items():
+                    p = f"{prefix}/{name}"
+                    owners.setdefault(p, set()).add(k)
+                    kinds[p] = "group" if isinstance(obj, h5py.Group) else "dataset"
+                    if isinstance(obj, h5py.Group):
+                        walk(obj, p)
+            walk(f, "")
+    return {"owners": owners, "kinds": kinds}
+
+
+def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = False) -> Path:
+    """Write DIR/experiment.h5: the grid's cell stores joined by external links.
+
+    Every top-level path that only one cell wrote becomes an external link into that cell's
+    file (relative, so the folder can move); paths several cells share (e.g. /metrics/M_ed)
+    become groups whose children are linked. A dataset written by two cells is an error (each
+    variant has one owner). Rebuilt from scratch and renamed into place, so a merge that is
+    interrupted leaves the previous one. Raises FadelabError when cells are not done, unless
+    `allow_partial` (then only finished cells are joined).
+    """
+    import h5py
+
+    from store import Store
+
+    out = Path(out)
+    rows = status(exp, out)
+    missing = [c.id for c, s in rows if s != "done"]
+    if missing and not allow_partial:
+        raise FadelabError(f"{len(missing)} of {len(rows)} cells are not done (first: {missing[0]}); "
+                           "run them first (fadelab run) or pass --partial")
+    files = [cell_path(out, c) for c, s in rows if s == "done"]
+    tree = _link_tree(files, out)
+    owners, kinds = tree["owners"], tree["kinds"]
+    target = out / "experiment.h5"
+    tmp = out / ".experiment.h5.tmp"
+    for p in (tmp,):
+        if p.exists():
+            p.unlink()
+    manifest = {"cells": [{"id": c.id, "kind": c.kind, "edit": c.edit, "finetune": c.finetune,
+                           "variant": c.variant, "state": s} for c, s in rows]}
+    with Store.open(tmp, "a", config=exp.text, seeds={"experiment": exp.seed},
+                    description=f"fadelab grid {exp.name}: cells joined by external links") as st:
+        st.create_array("grid_manifest", json.dumps(manifest))
+    with h5py.File(tmp, "a", locking=False) as f:
+        for path in sorted(owners, key=lambda p: p.count("/")):
+            parent = path.rsplit("/", 1)[0] or "/"
+            if parent != "/" and not isinstance(f.get(parent, getlink=True), h5py.HardLink):
+                continue  # under a linked node: reached through the link
+            if path in f:
+                continue  # a group made for a shared node, or the grid file's own manifest
+            own = owners[path]
+            if len(own) == 1:
+                src = files[next(iter(own))]
+                f[path] = h5py.ExternalLink(os.path.relpath(src, out), path)
+            elif kinds[path] == "group":
+                f.create_group(path)
+            else:
+                raise FadelabError(f"{path} was written by several cells "
+                                   f"({[files[k].name for k in sorted(own)]}); each entry needs one owner")
+    os.replace(tmp, target)
+    log.info("merged %d cell stores into %s", len(files), target)
+    return target
