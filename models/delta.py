@@ -19,6 +19,11 @@ Offers
 
 "model" below is anything `models.sites.resolve` understands: a `models.Model`, a diffusers
 pipeline, or a bare `nn.Module` (then a site is a `named_modules()` path).
+
+A site names a module's `.weight` ("unet.xattn.0.to_k", "unet.conv_in"), or one parameter of a
+module as "<module site>.<parameter name>" ("unet.conv_in.bias", "text.mlp.3.fc2.bias"), for
+updates such as full fine-tuning that also change biases and norm parameters. A name that
+resolves to a module always means that module's weight.
 """
 
 from __future__ import annotations
@@ -182,13 +187,51 @@ class WeightDelta:
 # -- applying ----------------------------------------------------------------------------------
 
 
+def _parameters(model: Any, sites: list[str]) -> dict[str, Tensor]:
+    """site -> the tensor it names: the module's `.weight`, or, for "<module site>.<name>" that is
+    not itself a module, the module's own parameter `name`.
+
+    Raises FadelabError for a site that names neither (the message of the module lookup), or a
+    module without a weight.
+    """
+    try:
+        modules = resolve_many(model, sites)
+    except FadelabError:  # some site names a parameter: resolve site by site
+        modules = None
+    out: dict[str, Tensor] = {}
+    for site in sites:
+        if modules is not None:
+            module, name = modules[site], "weight"
+        else:
+            module, name = _module_or_parameter(model, site)
+        tensor = getattr(module, name, None)
+        if not isinstance(tensor, Tensor):
+            what = "a weight" if name == "weight" else f"a parameter {name!r}"
+            raise FadelabError(f"site {site!r} resolves to a {type(module).__name__} without {what}")
+        out[site] = tensor
+    return out
+
+
+def _module_or_parameter(model: Any, site: str) -> tuple[nn.Module, str]:
+    """(module, "weight") when `site` is a module, else (owner, name) for "<owner site>.<name>"."""
+    try:
+        return resolve_many(model, [site])[site], "weight"
+    except FadelabError as err:
+        owner, _, name = site.rpartition(".")
+        if owner:
+            try:
+                module = resolve_many(model, [owner])[owner]
+            except FadelabError:
+                raise err from None
+            if name in dict(module.named_parameters(recurse=False)):
+                return module, name
+        raise
+
+
 def _target_weights(model: Any, delta: WeightDelta) -> list[tuple[str, nn.Parameter]]:
-    """Resolve every site of `delta` to its weight and check shapes, before anything mutates."""
+    """Resolve every site of `delta` to its tensor and check shapes, before anything mutates."""
     targets = []
-    for site, module in resolve_many(model, delta.sites()).items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor):
-            raise FadelabError(f"site {site!r} resolves to a {type(module).__name__} without a weight")
+    for site, weight in _parameters(model, delta.sites()).items():
         shape = tuple(delta.dense(site).shape) if not delta.is_low_rank(site) else _factor_shape(delta, site)
         if shape != tuple(weight.shape):
             raise FadelabError(
@@ -250,10 +293,10 @@ def merge_delta(model: Any, delta: WeightDelta, alpha: float = 1.0) -> Any:
 
 
 def snapshot(model: Any, sites: Iterable[str] | str) -> dict[str, Tensor]:
-    """Detached clones of the weights at `sites` (a list of names, or one glob such as
-    "unet.xattn.*.to_k")."""
+    """Detached clones of the weights (or named parameters) at `sites` (a list of names, or one
+    glob such as "unet.xattn.*.to_k")."""
     names = sites_matching(model, sites) if isinstance(sites, str) else list(sites)
-    return {site: module.weight.detach().clone() for site, module in resolve_many(model, names).items()}
+    return {site: tensor.detach().clone() for site, tensor in _parameters(model, names).items()}
 
 
 def delta_between(

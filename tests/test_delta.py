@@ -177,3 +177,31 @@ def test_apply_on_a_pipeline_changes_output_and_restores_it(sd14):
     with apply_delta(sd14, delta):
         assert not torch.equal(run(), base)
     assert torch.equal(run(), base)
+
+
+def test_a_site_may_name_a_parameter_of_a_module():
+    m = Tiny()
+    before = _state(m)
+    db = torch.arange(4.0)
+    delta = WeightDelta({"fc.bias": db, "fc": torch.ones(4, 6)})
+    with apply_delta(m, delta, alpha=2.0):
+        assert torch.equal(m.fc.bias, before["fc.bias"] + 2 * db)
+        assert torch.equal(m.fc.weight, before["fc.weight"] + 2)
+    assert _same(_state(m), before)
+    snap = snapshot(m, ["fc.bias", "fc.weight", "fc"])
+    assert torch.equal(snap["fc.bias"], before["fc.bias"]) and torch.equal(snap["fc.weight"], snap["fc"])
+    with pytest.raises(FadelabError, match=r"'fc.bias'.*\(4,\)"):
+        merge_delta(m, WeightDelta({"fc.bias": torch.ones(5)}))
+    with pytest.raises(FadelabError, match="'fc.nope'"):
+        merge_delta(m, WeightDelta({"fc.nope": torch.ones(4)}))
+    assert _same(_state(m), before)
+
+
+def test_parameter_sites_on_a_pipeline(sd14):
+    site = "unet.xattn.0.to_out.bias"  # the table's module site plus a parameter name
+    bias = sd14.module("unet.xattn.0.to_out").bias
+    before = bias.detach().clone()
+    with apply_delta(sd14, WeightDelta({site: torch.ones_like(bias), "unet.conv_in.bias": torch.ones(
+            sd14.pipe.unet.conv_in.bias.shape)})):
+        assert torch.equal(bias, before + 1)
+    assert torch.equal(bias, before)
