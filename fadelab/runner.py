@@ -118,3 +118,124 @@ def generate_images(prompts: list[str], seeds: list[int], *, family: str = "orga
                                                   for q, p, s in zip(paths, all_prompts, all_seeds)], indent=1))
     _grid(images, cols=len(seeds)).save(out / "grid.png")
     return paths + [out / "grid.png"]
+
+
+# -- the grid: cells, shards, local processes, Slurm ----------------------------------------------
+
+def _code_version() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_cells(config: str | None, out: Path, *, shard: str | None = None, device: str = "cpu",
+              progress: bool = True) -> dict:
+    """Run this process's slice of the grid, cell by cell; finished cells are skipped.
+
+    Each cell writes its own store, out/cells/<cell id>.h5, and marks it done last, so a cell
+    that was killed is redone from its store's completed entries on the next run, and a cell
+    that finished is never recomputed. Returns {"ran": [...], "skipped": [...], "seconds": ...}.
+    """
+    from fadelab import cells as cell_runner
+    from fadelab.grid import cell_done, cell_path, cells, load_experiment, parse_shard
+    from fadelab.grid import shard as take
+
+    exp = load_experiment(config)
+    i, n = parse_shard(shard)
+    mine = take(cells(exp), i, n)
+    ran, skipped = [], []
+    t0 = time.time()
+    ctx = cell_runner.Context(exp, out, device=device, code_version=_code_version(), progress=progress)
+    for cell in mine:
+        path = cell_path(out, cell)
+        if cell_done(path, cell):
+            skipped.append(cell.id)
+            continue
+        log.info("cell %s (%s)", cell.id, cell.variant)
+        cell_runner.run_cell(ctx, cell)
+        ran.append(cell.id)
+    return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1), "shard": f"{i}/{n}"}
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_local_jobs(config: str | None, out: Path, jobs: int, device: str) -> list[dict]:
+    """`jobs` processes side by side, process i running shard i/jobs (one GPU each, round robin
+    over the visible GPUs, when the device is CUDA). A failed process fails the call with its
+    shard named; the cells it finished stay done."""
+    import os
+    import subprocess
+    import sys
+
+    from models.errors import FadelabError
+
+    if jobs < 1:
+        raise FadelabError(f"--jobs {jobs}: give a positive number of processes")
+    gpus = _cuda_count() if device.startswith("cuda") else 0
+    procs = []
+    for i in range(jobs):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        cmd = [sys.executable, "-m", "fadelab.cli", "run", *([config] if config else []),
+               "--out", str(out), "--shard", f"{i}/{jobs}", "--device", device, "--no-report",
+               "--quiet"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    results, failed = [], []
+    for i, p in enumerate(procs):
+        stdout, _ = p.communicate()
+        if p.returncode != 0:
+            failed.append(f"{i}/{jobs} (exit {p.returncode})")
+            continue
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    if failed:
+        raise FadelabError(f"shard(s) {', '.join(failed)} failed; rerun `fadelab run` to redo "
+                           f"their unfinished cells")
+    return results
+
+
+def _slurm_task(config: str | None, out: str, shard: str, device: str) -> dict:
+    """One Slurm array task (module-level, so submitit can pickle it)."""
+    return run_cells(config, Path(out), shard=shard, device=device, progress=False)
+
+
+def run_slurm(config: str | None, out: Path, tasks: int, device: str, *, cluster: str | None = None,
+              slurm: dict | None = None) -> list[dict]:
+    """Submit the grid as a Slurm job array of `tasks` shards through submitit and wait.
+
+    `cluster=None` lets submitit pick (Slurm where sbatch exists); "local" runs the same array
+    on this machine with submitit's local executor (how the tests exercise this path).
+    `slurm` passes executor parameters such as {"slurm_partition": "gpu", "gpus_per_node": 1,
+    "timeout_min": 240}. Logs go to out/submitit/.
+    """
+    import submitit
+
+    from models.errors import FadelabError
+
+    executor = submitit.AutoExecutor(folder=str(out / "submitit"), cluster=cluster)
+    params = {"timeout_min": 240, **(slurm or {})}
+    if executor.cluster == "slurm":
+        params.setdefault("slurm_array_parallelism", tasks)
+    executor.update_parameters(**params)
+    shards = [f"{i}/{tasks}" for i in range(tasks)]
+    jobs = executor.map_array(_slurm_task, [config] * tasks, [str(out)] * tasks, shards,
+                              [device] * tasks)
+    log.info("submitted %d array tasks to %s (first job id %s)", tasks, executor.cluster,
+             jobs[0].job_id if jobs else "-")
+    results, failed = [], []
+    for shard_name, job in zip(shards, jobs):
+        try:
+            results.append(job.result())
+        except Exception as e:  # noqa: BLE001 - submitit re-raises the task's failure of any type
+            failed.append(f"{shard_name}: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+    if failed:
+        raise FadelabError(f"array task(s) failed ({'; '.join(failed)}); logs in {out / 'submitit'}")
+    return results
