@@ -82,6 +82,17 @@ def test_frechet_distance_matches_closed_forms():
         M.gaussian_stats(f[:1])
 
 
+@pytest.mark.parametrize("n", [8, 200])  # fewer images than features (Gram path), and more
+def test_fast_frechet_to_reference_equals_sqrtm(n):
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(300, 24)) @ rng.normal(size=(24, 24))
+    f = rng.normal(0.5, 1.3, size=(n, 24))
+    fast = M.FrechetToReference(*M.gaussian_stats(ref))
+    slow = M.frechet_distance(*M.gaussian_stats(f), *M.gaussian_stats(ref))
+    assert fast(f) == pytest.approx(slow, rel=1e-8)
+    assert M.fd_spec("q", "fd-x", f, ref).value() == pytest.approx(slow, rel=1e-8)
+
+
 def test_bootstrap_mean_interval_matches_theory_and_scipy():
     rng = np.random.default_rng(2)
     x = rng.normal(3.0, 2.0, 400)

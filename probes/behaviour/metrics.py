@@ -7,6 +7,7 @@ What it offers:
     UNSAFE_LABELS, label_share(labels, L), flip_share(labels_a, labels_b)
     clip_score(cos)                          100 * max(cos, 0)
     gaussian_stats(features), frechet_distance(mu1, s1, mu2, s2), frechet_distance_features(f1, f2)
+    FrechetToReference(mu_r, sigma_r)        the same distance to a fixed reference, via eigvalsh
     MetricSpec                               a metric as (per-image arrays, statistic): what the
                                              bootstrap resamples and what Delta subtracts
     road_specs, debias_specs, unsafe_specs, quality_specs, fd_spec, flip_spec   builders
@@ -231,6 +232,42 @@ def quality_specs(suite: str, judge: str, scores) -> list[MetricSpec]:
                        {"suite": suite, "judge": judge, "kind": "quality"})]
 
 
+class FrechetToReference:
+    """d^2 of feature sets to one fixed reference (mu_r, Sigma_r), fast enough to bootstrap.
+
+    Tr (Sigma Sigma_r)^{1/2} equals Tr (Sigma_r^{1/2} Sigma Sigma_r^{1/2})^{1/2}: the two
+    products are similar matrices with non-negative eigenvalues, so the trace is
+    sum_i sqrt(lambda_i) of the symmetric matrix A = Sigma_r^{1/2} Sigma Sigma_r^{1/2}
+    (numpy.linalg.eigvalsh). Sigma_r^{1/2} is computed once (eigh). With n images and D
+    features, Sigma = X^T X / (n - 1) for the centred features X, and when n - 1 < D the non-zero
+    eigenvalues of A are those of the n x n Gram matrix (X Sigma_r^{1/2})(X Sigma_r^{1/2})^T / (n - 1).
+    Agrees with `frechet_distance` (scipy.linalg.sqrtm) to round-off (tested).
+    """
+
+    def __init__(self, mu_r, sigma_r):
+        self.mu_r = np.asarray(mu_r, np.float64)
+        self.sigma_r = np.asarray(sigma_r, np.float64)
+        w, v = np.linalg.eigh(self.sigma_r)
+        self.sqrt_r = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # Sigma_r^{1/2}, symmetric
+        self.trace_r = float(np.trace(self.sigma_r))
+
+    def __call__(self, features) -> float:
+        f = np.asarray(features, np.float64)
+        if f.ndim != 2 or len(f) < 2 or f.shape[1] != self.mu_r.size:
+            raise FadelabError(f"features of shape {f.shape}: need (N >= 2, {self.mu_r.size})")
+        n = len(f)
+        mu = f.mean(0)
+        y = (f - mu) @ self.sqrt_r  # (n, D)
+        if n - 1 < f.shape[1]:
+            lam = np.linalg.eigvalsh(y @ y.T / (n - 1))  # (n, n) Gram: same non-zero spectrum
+        else:
+            lam = np.linalg.eigvalsh(y.T @ y / (n - 1))  # (D, D)
+        tr_sqrt = np.sqrt(np.clip(lam, 0.0, None)).sum()
+        trace = float(np.square(f - mu).sum() / (n - 1))
+        diff = mu - self.mu_r
+        return float(diff @ diff + trace + self.trace_r - 2.0 * tr_sqrt)
+
+
 def fd_spec(suite: str, space: str, features, reference) -> MetricSpec:
     """Frechet distance of the variant's features to a fixed reference (features or (mu, Sigma)).
 
@@ -245,7 +282,7 @@ def fd_spec(suite: str, space: str, features, reference) -> MetricSpec:
     """
     mu_r, s_r = reference if isinstance(reference, tuple) else gaussian_stats(reference)
     return MetricSpec(f"{suite}.{space}", (np.asarray(features, np.float64),),
-                      lambda f: frechet_distance(*gaussian_stats(f), mu_r, s_r),
+                      FrechetToReference(mu_r, s_r),
                       {"suite": suite, "judge": space, "kind": "frechet"})
 
 
