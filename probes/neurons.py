@@ -35,6 +35,9 @@ Definitions
         1 = fires for one concept only, 0 = the same for all.
     effective number of concepts: p_c = max(mu_c, 0) / sum_c' max(mu_c', 0),
         N_eff = exp(-sum_c p_c log p_c); 1 for a monosemantic neuron, C for a uniform one.
+        A neuron that rests above 0 gets a large N_eff from its resting level alone, so
+        `n_eff_rel` repeats it on mu_c - centre_j (the z-score's centre): the spread of its
+        responses above rest.
     sparse probes: per concept, L1-penalised logistic regression (liblinear, l1_ratio = 1) on
         activations standardised per neuron, fitted on a stratified split; a neuron belongs to
         the probe of every concept whose coefficient on it is non-zero.
@@ -249,7 +252,8 @@ def polysemanticity(x: Any, labels: Sequence[Iterable[str]] | np.ndarray,
         neurons: coordinate values of the neuron dim (default 0..n-1).
 
     Variables: mean, z, responds (neuron, concept); n_concepts (number of concepts with
-    z >= threshold), top_concept, selectivity, n_eff (neuron); probe_coef (concept, neuron),
+    z >= threshold), top_concept, selectivity, n_eff, n_eff_rel (N_eff of the means above the
+    neuron's centre, i.e. of its responses over its resting level) (neuron); probe_coef (concept, neuron),
     probe_accuracy (concept), n_probe_concepts (neuron); n_prompts (concept).
     """
     x = _matrix(x)
@@ -258,6 +262,7 @@ def polysemanticity(x: Any, labels: Sequence[Iterable[str]] | np.ndarray,
         raise FadelabError(f"{x.shape[0]} activation rows but {y.shape[0]} label rows; give one label set per prompt")
     mu = concept_means(x, y)
     z = concept_zscores(x, y, cfg.z_method)
+    centre, _ = _centre_scale(x, cfg.z_method)
     responds = np.nan_to_num(z, nan=-np.inf) >= cfg.z_threshold
     top = np.array(names, dtype=object)[np.nanargmax(np.where(np.isnan(mu), -np.inf, mu), axis=1)]
     ds = xr.Dataset(
@@ -269,6 +274,7 @@ def polysemanticity(x: Any, labels: Sequence[Iterable[str]] | np.ndarray,
             "top_concept": ("neuron", top.astype(str)),
             "selectivity": ("neuron", selectivity_index(mu)),
             "n_eff": ("neuron", effective_concepts(mu)),
+            "n_eff_rel": ("neuron", effective_concepts(mu - centre[:, None])),
             "n_prompts": ("concept", y.sum(axis=0)),
         },
         coords={"neuron": np.arange(x.shape[1]) if neurons is None else np.asarray(neurons), "concept": names},
@@ -298,6 +304,7 @@ def polysemanticity_table(ds: xr.Dataset, max_concepts: int = 8) -> pd.DataFrame
             "concepts": ", ".join(str(names[i]) for i in hit[:max_concepts]),
             "selectivity": float(ds["selectivity"].values[j]),
             "n_eff": float(ds["n_eff"].values[j]),
+            "n_eff_rel": float(ds["n_eff_rel"].values[j]),
         }
         if "probe_coef" in ds:
             used = np.flatnonzero(np.nan_to_num(ds["probe_coef"].values[:, j]) != 0)

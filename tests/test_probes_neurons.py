@@ -76,6 +76,11 @@ def test_planted_monosemantic_and_polysemantic_neurons(planted):
     np.testing.assert_allclose(ds["n_eff"].values, ref, rtol=1e-12)
     assert float(ds["n_eff"][0]) < float(ds["n_eff"][1]) < float(ds["n_eff"][3])
     assert float(ds["n_eff"][3]) == pytest.approx(N_CONCEPTS, rel=0.01)
+    # above rest: an offset of 1 on every prompt leaves n_eff_rel unchanged and inflates n_eff
+    plain = pn.polysemanticity(x, labels, pn.NeuronProbeConfig(probes=False))
+    shifted = pn.polysemanticity(x + 1.0, labels, pn.NeuronProbeConfig(probes=False))
+    np.testing.assert_allclose(shifted["n_eff_rel"].values, plain["n_eff_rel"].values, rtol=1e-9)
+    assert float(shifted["n_eff"][0]) > 5 > float(shifted["n_eff_rel"][0])
     # with one concept per prompt nothing else leaks in: about 1 and about 3
     single = [{sorted(s)[0]} if len(s) == 1 else {NAMES[i % N_CONCEPTS]} for i, s in enumerate(labels)]
     y1, _ = pn.concept_matrix(single, NAMES)
