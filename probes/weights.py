@@ -301,26 +301,24 @@ def edit_input_keys(keys: Mapping[str, Any] | None, site: str, n_in: int) -> Ten
 class _EditSite:
     """Everything about one site that does not depend on dW_ft (computed once per site)."""
 
-    ed: Update | None
-    norm_ed: float
-    q_keys: Tensor | None  # (n, k_in) keys' span
-    keys: Tensor | None  # (k, n) key rows
-    q_row: Tensor | None  # (n, r) row space of dW_ed
-    p_col: Tensor | None  # (m, r) column space of dW_ed
-    q_top: Tensor | None  # top-k right singular vectors of dW_ed
-    p_top: Tensor | None  # top-k left singular vectors of dW_ed
-    erank_ed: float
-    srank_ed: float
-    u_pre: Tensor | None  # singular vectors of W_base + dW_ed (intruders)
-    w_pre: Tensor | None
-    intruders_ed: float
-    intruder_sim_ed: Tensor | None
+    ed: Update | None = None
+    norm_ed: float = math.nan
+    keys: Tensor | None = None  # (k, n) key rows
+    q_keys: Tensor | None = None  # (n, k_in) orthonormal basis of the keys' span
+    q_row: Tensor | None = None  # (n, r) row space of dW_ed
+    p_col: Tensor | None = None  # (m, r) column space of dW_ed
+    q_top: Tensor | None = None  # top-k right singular vectors of dW_ed
+    p_top: Tensor | None = None  # top-k left singular vectors of dW_ed
+    erank_ed: float = math.nan
+    srank_ed: float = math.nan
+    w_pre: Tensor | None = None  # W_base + dW_ed
+    u_pre: Tensor | None = None  # its singular vectors (intruders)
+    intruders_ed: float = math.nan
 
 
 def _edit_site(site: str, w: Tensor | None, ed: Update | None, keys: Mapping | None,
                cfg: WeightProbeConfig, dev, dt) -> _EditSite:
-    e = _EditSite(ed, math.nan, None, None, None, None, None, None, math.nan, math.nan, None, None,
-                  math.nan, None)
+    e = _EditSite(ed=ed)
     if ed is not None:
         u, s, vh = la.thin_svd(ed)
         r = la.numerical_rank(s, cfg.rank_rtol)
@@ -338,8 +336,8 @@ def _edit_site(site: str, w: Tensor | None, ed: Update | None, keys: Mapping | N
         e.u_pre = _singular_vectors(e.w_pre, cfg.intruder_side)
         if ed is not None:
             u_base = _singular_vectors(w0, cfg.intruder_side)
-            e.intruder_sim_ed = intruder_similarity(u_base, e.u_pre, cfg.intruder_k)
-            e.intruders_ed = float((e.intruder_sim_ed < cfg.intruder_eps).sum())
+            sim_ed = intruder_similarity(u_base, e.u_pre, cfg.intruder_k)
+            e.intruders_ed = float((sim_ed < cfg.intruder_eps).sum())
     return e
 
 
