@@ -79,12 +79,13 @@ def _device_name(device: str) -> str:
 
 
 def bench_rows(device: str = "cuda", quick: bool = False, baseline_sites: int = 4,
-               n_sites: int | None = None) -> list[dict]:
+               n_sites: int | None = None, only: str | None = None) -> list[dict]:
     """One row per (shape setting, fine-tune form, dtype): seconds for all sites x steps.
 
     The baseline is timed on the first `baseline_sites` sites and scaled linearly to all of them
     (its cost is the same per site of one shape; the full loop would take most of an hour on a
-    CPU at SDXL width). quick: 4 sites x 2 steps instead of 32 x 5; n_sites overrides the count.
+    CPU at SDXL width). quick: 4 sites x 2 steps instead of 32 x 5; n_sites overrides the count;
+    only: run the settings whose name starts with it ("sd14" or "sdxl").
     """
     steps = 2 if quick else 5
     n_sites = n_sites or (4 if quick else 32)
@@ -97,6 +98,8 @@ def bench_rows(device: str = "cuda", quick: bool = False, baseline_sites: int = 
     }
     rows = []
     for name, shapes in settings.items():
+        if only is not None and not name.startswith(only):
+            continue
         for lora in (True, False):
             base, d_ed, d_fts, keys = _setting(shapes, steps, lora, seed=0)
             few = list(base)[:baseline_sites]
