@@ -45,11 +45,31 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
-    from fadelab.runner import run_organism_grid
+    from fadelab import runner
+    from fadelab.grid import load_experiment, merge, parse_shard
 
-    result = run_organism_grid(out=Path(args.out), n=args.n, device=_device(args.device))
-    print(result["summary"])
-    print(f"results: {result['json']}\ngrid:    {result['grid']}")
+    out = Path(args.out)
+    device = _device(args.device)
+    parse_shard(args.shard)
+    load_experiment(args.config)  # bad configs fail here, before any process starts
+    if args.launcher == "slurm":
+        runner.run_slurm(args.config, out, args.jobs, device, cluster=args.cluster,
+                         slurm={"slurm_partition": args.partition} if args.partition else None)
+    elif args.jobs > 1:
+        runner.run_local_jobs(args.config, out, args.jobs, device)
+    else:
+        summary = runner.run_cells(args.config, out, shard=args.shard, device=device,
+                                   progress=not args.quiet)
+        if args.shard is not None or args.no_report:
+            print(json.dumps(summary))
+            return 0
+    if args.no_report:
+        return 0
+    store = merge(load_experiment(args.config), out)
+    from analysis.report import write_report
+
+    report = write_report(store, out)
+    print(f"store:  {store}\nreport: {report}")
     return 0
 
 
@@ -137,13 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="the main job on the organism",
-                       description="Load the organism, generate a grid of prompts (content, "
-                                   "professions, unsafe prompts), judge every image with the oracle, "
-                                   "print the result and save it under --out.")
+    r = sub.add_parser("run", help="the main job: the study's grid, on the organism by default",
+                       description="Run every cell of an experiment (edits x fine-tunes, behaviour, "
+                                   "probes, causal tests), join the cell stores into OUT/experiment.h5 "
+                                   "and write OUT/report.html. Finished cells are never recomputed, so "
+                                   "an interrupted run resumes.")
+    r.add_argument("config", nargs="?", default=None,
+                   help="experiment TOML, or a shipped name: organism (default), organism-study, "
+                        "sd14, sdxl, flux-schnell")
     r.add_argument("--out", default="fadelab-out", help="output folder (default ./fadelab-out)")
-    r.add_argument("--n", type=int, default=4, help="seeds per prompt (default 4)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    r.add_argument("--shard", default=None, help="run only slice i/n of the cells (e.g. 0/4)")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="processes side by side (local: one shard each, one GPU each; slurm: array size)")
+    r.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local processes (default) or a Slurm job array through submitit")
+    r.add_argument("--cluster", default=None, help=argparse.SUPPRESS)  # submitit executor (tests: local)
+    r.add_argument("--partition", default=None, help="Slurm partition for --launcher slurm")
+    r.add_argument("--no-report", action="store_true", help="run cells only; no merge, no report")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
     g = sub.add_parser("generate", help="generate images for prompts x seeds",
@@ -214,12 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import FadelabError
 
     errors: tuple[type[BaseException], ...] = (FadelabError, FileNotFoundError)
-    try:
-        from store import StoreError
+    from analysis.stats import StatsError
+    from store import StoreError
 
-        errors += (StoreError,)
-    except ImportError:  # pragma: no cover - store is part of the distribution
-        pass
+    errors += (StoreError, StatsError)
     try:
         return args.func(args)
     except errors as e:

@@ -269,7 +269,7 @@ def status(exp: Experiment, out: str | os.PathLike) -> list[tuple[Cell, str]]:
     return rows
 
 
-def _link_tree(files: list[Path], root: Path) -> dict:
+def _link_tree(files: list[Path]) -> dict:
     """A trie of HDF5 paths: a node owned by one file becomes a link, a shared node a group."""
     import h5py
 
@@ -293,8 +293,9 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
 
     Every top-level path that only one cell wrote becomes an external link into that cell's
     file (relative, so the folder can move); paths several cells share (e.g. /metrics/M_ed)
-    become groups whose children are linked. A dataset written by two cells is an error (each
-    variant has one owner). Rebuilt from scratch and renamed into place, so a merge that is
+    become groups (with the first owner's attributes) whose children are linked. A dataset
+    several cells wrote (an edit x fine-tune cell re-evaluates M_ed, deterministically, to pair
+    its Delta) is linked to the first of them in grid order. Rebuilt from scratch and renamed into place, so a merge that is
     interrupted leaves the previous one. Raises FadelabError when cells are not done, unless
     `allow_partial` (then only finished cells are joined).
     """
@@ -309,7 +310,7 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
         raise FadelabError(f"{len(missing)} of {len(rows)} cells are not done (first: {missing[0]}); "
                            "run them first (fadelab run) or pass --partial")
     files = [cell_path(out, c) for c, s in rows if s == "done"]
-    tree = _link_tree(files, out)
+    tree = _link_tree(files)
     owners, kinds = tree["owners"], tree["kinds"]
     target = out / "experiment.h5"
     tmp = out / ".experiment.h5.tmp"
@@ -328,15 +329,16 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
                 continue  # under a linked node: reached through the link
             if path in f:
                 continue  # a group made for a shared node, or the grid file's own manifest
-            own = owners[path]
-            if len(own) == 1:
-                src = files[next(iter(own))]
-                f[path] = h5py.ExternalLink(os.path.relpath(src, out), path)
-            elif kinds[path] == "group":
-                f.create_group(path)
+            own = sorted(owners[path])
+            if len(own) == 1 or kinds[path] == "dataset":
+                # one owner, or a deterministic copy several cells wrote (an edit x fine-tune
+                # cell re-evaluates its M_ed to pair the Delta): the first cell in grid order
+                f[path] = h5py.ExternalLink(os.path.relpath(files[own[0]], out), path)
             else:
-                raise FadelabError(f"{path} was written by several cells "
-                                   f"({[files[k].name for k in sorted(own)]}); each entry needs one owner")
+                group = f.create_group(path)
+                with h5py.File(files[own[0]], "r", locking=False) as first:
+                    for key, value in first[path].attrs.items():
+                        group.attrs[key] = value
     os.replace(tmp, target)
     log.info("merged %d cell stores into %s", len(files), target)
     return target

@@ -1,5 +1,44 @@
-"""`fadelab status`, `fadelab merge` (placeholder until the grid commands land)."""
+"""`fadelab status` and `fadelab merge`: where a grid stands, and its cells joined into one store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cmd_status(args) -> int:
+    from fadelab.grid import load_experiment, status
+
+    exp = load_experiment(args.config)
+    rows = status(exp, Path(args.out))
+    done = sum(s == "done" for _, s in rows)
+    print(f"{exp.name}: {done}/{len(rows)} cells done in {args.out}")
+    for cell, state in rows:
+        print(f"  {state:8s} {cell.variant:40s} {cell.id}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from fadelab.grid import load_experiment, merge
+
+    path = merge(load_experiment(args.config), Path(args.out), allow_partial=args.partial)
+    print(f"merged store: {path}")
+    return 0
 
 
 def register(sub) -> None:
-    """Add this module's sub-commands to the `fadelab` parser (none yet)."""
+    """Add `status` and `merge` to the `fadelab` parser."""
+    s = sub.add_parser("status", help="which cells of a grid are done",
+                       description="List every cell of the experiment with done / partial / missing.")
+    s.add_argument("config", nargs="?", default=None,
+                   help="experiment TOML or a shipped name (default: organism)")
+    s.add_argument("--out", default="fadelab-out", help="the run's output folder")
+    s.set_defaults(func=cmd_status)
+
+    m = sub.add_parser("merge", help="join the cell stores into DIR/experiment.h5",
+                       description="Write DIR/experiment.h5, one store that links every cell's "
+                                   "store (HDF5 external links: no array is copied).")
+    m.add_argument("config", nargs="?", default=None,
+                   help="experiment TOML or a shipped name (default: organism)")
+    m.add_argument("--out", default="fadelab-out", help="the run's output folder")
+    m.add_argument("--partial", action="store_true", help="join the finished cells only")
+    m.set_defaults(func=cmd_merge)

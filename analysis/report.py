@@ -1,0 +1,369 @@
+"""The report: behaviour joined with probes, the study's tables, figures, one offline HTML page.
+
+What it offers:
+    HEADLINE                 the metric that says whether each kind of edit holds
+    joined(st) -> xarray.Dataset over (edit, finetune): |Delta| of the headline metric with its
+                             CI, the causal Deltas, and the site-averaged weight probes
+    correlations(ds)         Spearman of |Delta| with each probe over the grid's cells, with
+                             bootstrap intervals (analysis.stats)
+    tables(st, ds)           {name: pandas.DataFrame}: the study's Tables 1-4 and 7 in shape,
+                             probes and correlations
+    figures(st, ds)          {name: PNG bytes}: weight-update heatmap, probe curves over steps,
+                             Delta against overlap, image grids of M / M_ed / M_ft / M_ed_ft
+    write_report(store, out) out/report.html (self-contained: figures inlined), out/tables/*.md
+                             and *.csv, out/figures/*.png
+
+Reads only the store (a cell's file or the merged experiment.h5); imports nothing else of ours.
+Sign: Delta = value(M_ed_ft) - value(M_ed) as stored by probes.behaviour; the study's
+persistence measure is |Delta|.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from store.core import get_attrs
+
+log = logging.getLogger(__name__)
+
+# edit method -> (metric, what a fade looks like)
+HEADLINE = {
+    "uce_debias": ("professions.delta_mean:oracle", "mean gender deviation delta rises"),
+    "uce": ("unsafe.share.unsafe:oracle", "unsafe share rises"),
+    "refact": ("road.efficacy:oracle", "efficacy falls"),
+}
+PROBE_COLUMNS = ("kappa", "cosine", "retention", "proj_in", "proj_in_baseline", "proj_row",
+                 "angle_min", "intruders_ft")
+CAUSAL = ("M_cf", "M_swap", "M_reed")
+
+
+def _edit_methods(st) -> dict[str, str]:
+    """edit id -> method, from the stored edit_info arrays."""
+    out = {}
+    for entry in _array_names(st, "edit_info"):
+        info = json.loads(str(st.read_array(f"edit_info/{entry}")))
+        out[entry] = info["method"]
+    return out
+
+
+def _array_names(st, prefix: str) -> list[str]:
+    grp = st.h5.get(f"/arrays/{prefix}")
+    if grp is None:
+        return []
+    return sorted(k for k in grp.keys())
+
+
+def _headline(method: str) -> str:
+    key = "uce_debias" if method == "uce_debias" else "refact" if method == "refact" else "uce"
+    return HEADLINE[key][0]
+
+
+def _metric_index(st) -> dict[tuple[str, str], dict]:
+    return {(m["variant"], m["name"]): m for m in st.metric_entries() if m.get("step", -1) == -1}
+
+
+def _probe_means(st, edit: str, ft: str) -> dict[str, float]:
+    name = f"probes/weights/{edit}/{ft}"
+    if not st.is_complete(f"/arrays/{name}"):
+        return {}
+    table = np.asarray(st.read_array(name), np.float64)
+    metrics = get_attrs(st.h5[f"/arrays/{name}"])["metric"]
+    with np.errstate(all="ignore"):
+        return {m: float(np.nanmean(table[i])) for i, m in enumerate(metrics)}
+
+
+def joined(st):
+    """One xarray.Dataset over (edit, finetune) joining behaviour, causal runs and weight probes."""
+    import xarray as xr
+
+    methods = _edit_methods(st)
+    index = _metric_index(st)
+    edits = sorted(methods)
+    fts = sorted({v.split("/")[2] for (v, _) in index if v.startswith("M_ed_ft/")})
+    fts += sorted({v.split("/")[1] for (v, _) in index if v.startswith("M_ft/")} - set(fts))
+    shape = (len(edits), len(fts))
+    data: dict[str, np.ndarray] = {}
+
+    def put(name, i, j, value):
+        data.setdefault(name, np.full(shape, np.nan))[i, j] = value
+
+    for i, e in enumerate(edits):
+        metric = _headline(methods[e])
+        for j, f in enumerate(fts):
+            ed = index.get((f"M_ed/{e}", metric))
+            row = index.get((f"M_ed_ft/{e}/{f}", f"Delta.{metric}"))
+            if ed:
+                put("value_ed", i, j, ed["value"])
+            if row:
+                put("Delta", i, j, row["value"])
+                put("abs_Delta", i, j, abs(row["value"]))
+                put("Delta_ci_low", i, j, row["ci_low"])
+                put("Delta_ci_high", i, j, row["ci_high"])
+            for c in CAUSAL:
+                crow = index.get((f"{c}/{e}/{f}", f"Delta.{metric}"))
+                if crow:
+                    put(f"Delta_{c}", i, j, crow["value"])
+            style = index.get((f"M_ed_ft/{e}/{f}", "style.ink_share:oracle"))
+            if style:
+                put("style_share", i, j, style["value"])
+            for m, v in _probe_means(st, e, f).items():
+                put(f"probe_{m}", i, j, v)
+    ds = xr.Dataset({k: (("edit", "finetune"), v) for k, v in data.items()},
+                    coords={"edit": edits, "finetune": fts,
+                            "method": ("edit", [methods[e] for e in edits]),
+                            "headline": ("edit", [_headline(methods[e]) for e in edits])})
+    return ds
+
+
+def correlations(ds, n_resamples: int = 1000, seed: int = 0):
+    """Spearman rho of |Delta| with each probe_* variable over all (edit, finetune) cells."""
+    import pandas as pd
+
+    from analysis.stats import spearman
+
+    if "abs_Delta" not in ds:
+        return pd.DataFrame(columns=["probe", "rho", "ci_low", "ci_high", "p", "n"])
+    y = ds["abs_Delta"].values.ravel()
+    rows = []
+    for name in [v for v in ds.data_vars if v.startswith("probe_")]:
+        x = ds[name].values.ravel()
+        ok = np.isfinite(x) & np.isfinite(y)
+        if ok.sum() < 3:
+            continue
+        est = spearman(x[ok], y[ok], n_resamples=n_resamples, seed=seed)
+        rows.append({"probe": name[len("probe_"):], "rho": est.estimate, "ci_low": est.ci_low,
+                     "ci_high": est.ci_high, "p": est.p_value, "n": est.n})
+    return pd.DataFrame(rows)
+
+
+def _fmt(m: dict | None) -> str:
+    if not m:
+        return ""
+    lo, hi = m.get("ci_low", np.nan), m.get("ci_high", np.nan)
+    ci = f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+    return f"{m['value']:.3f}{ci}"
+
+
+def tables(st, ds) -> dict:
+    """The study's tables in shape (values with 95% bootstrap CIs), probes and correlations."""
+    import pandas as pd
+
+    index = _metric_index(st)
+    methods = _edit_methods(st)
+    out = {}
+    fts = list(ds["finetune"].values) if "finetune" in ds.coords else []
+
+    def block(edit_filter, names):
+        rows = []
+        for e in [e for e in sorted(methods) if edit_filter(methods[e])]:
+            base = {"edit": e, "finetune": "-", "variant": "M_ed"}
+            rows.append({**base, **{n: _fmt(index.get((f"M_ed/{e}", n))) for n in names}})
+            for f in fts:
+                row = {"edit": e, "finetune": f, "variant": "M_ed_ft"}
+                row.update({n: _fmt(index.get((f"M_ed_ft/{e}/{f}", n))) for n in names})
+                row.update({f"Delta {n}": _fmt(index.get((f"M_ed_ft/{e}/{f}", f"Delta.{n}")))
+                            for n in names})
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    out["table1_concept_edits"] = block(lambda m: m == "refact", [
+        f"road.{p}:{j}" for p in ("efficacy", "generality", "specificity") for j in ("oracle", "clip-organism")])
+    profs = sorted({n.split(".")[2] for (_, n) in index if n.startswith("professions.delta.")})
+    out["table2_debias"] = block(lambda m: m == "uce_debias",
+                                 [f"professions.delta.{p}" for p in profs] + ["professions.delta_mean:oracle"])
+    labels = ("safe", "unsafe", "cant_decide", "black")
+    out["table3_unsafe"] = block(lambda m: m.startswith("uce") and m != "uce_debias",
+                                 [f"unsafe.share.{lab}:oracle" for lab in labels] + ["Flip.unsafe:oracle"])
+    variants = sorted({v for (v, _) in index if v == "M" or v.count("/") <= 2 and v.split("/")[0]
+                       in ("M", "M_ed", "M_ft", "M_ed_ft")})
+    q = [n for (_, n) in index if n.startswith("quality.")]
+    qnames = sorted(set(q)) + ["style.ink_share:oracle"]
+    out["table4_quality"] = pd.DataFrame([{"variant": v, **{n: _fmt(index.get((v, n))) for n in qnames}}
+                                          for v in variants])
+    rank_rows = []
+    for f in fts:
+        if "-r" in f and f.rsplit("-r", 1)[1].isdigit():
+            base_id, rank = f.rsplit("-r", 1)
+            for e in sorted(methods):
+                rank_rows.append({"edit": e, "finetune": base_id, "rank": int(rank),
+                                  "abs_Delta": float(ds["abs_Delta"].sel(edit=e, finetune=f))
+                                  if "abs_Delta" in ds else np.nan})
+    out["table7_rank_ablation"] = pd.DataFrame(rank_rows)
+    if ds.data_vars:
+        out["probes_and_causal"] = ds.to_dataframe().reset_index()
+    out["correlations"] = correlations(ds)
+    return out
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _delta_norms(st):
+    """(variants, sites, |dW|_F matrix) over every stored final delta."""
+    variants = st.variants()
+    sites = sorted({s for v in variants for s in st.sites(v)})
+    mat = np.full((len(variants), len(sites)), np.nan)
+    for i, v in enumerate(variants):
+        for s in st.sites(v):
+            d = st.read_delta(v, s, dense=True)
+            mat[i, sites.index(s)] = float(np.linalg.norm(np.asarray(d, np.float64)))
+    return variants, sites, mat
+
+
+def figures(st, ds) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    variants, sites, mat = _delta_norms(st)
+    if variants and sites:
+        keep = [j for j in range(len(sites)) if np.isfinite(mat[:, j]).any()][:80]
+        fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(keep)), max(3, 0.3 * len(variants))))
+        im = ax.imshow(np.log10(mat[:, keep] + 1e-12), aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(variants)), variants, fontsize=6)
+        ax.set_xticks(range(len(keep)), [sites[j] for j in keep], rotation=90, fontsize=5)
+        fig.colorbar(im, ax=ax, label="log10 |dW|_F")
+        ax.set_title("weight updates per site and variant")
+        out["weight_update_heatmap"] = _png(fig)
+    if "abs_Delta" in ds and "probe_kappa" in ds:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for e in ds["edit"].values:
+            ax.scatter(ds["probe_kappa"].sel(edit=e), ds["abs_Delta"].sel(edit=e), label=str(e))
+        ax.set_xlabel("cancellation kappa (site mean)")
+        ax.set_ylabel("|Delta| of the headline metric")
+        ax.legend(fontsize=6)
+        ax.set_title("fade against weight cancellation")
+        out["delta_vs_kappa"] = _png(fig)
+    curves = [n for n in _array_names(st, "probes/weights") if n]
+    steps_fig = _steps_figure(st, plt)
+    if steps_fig is not None:
+        out["kappa_over_steps"] = steps_fig
+    grid = _image_grid(st, plt)
+    if grid is not None:
+        out["image_grid"] = grid
+    log.debug("figures from %d probe groups", len(curves))
+    return out
+
+
+def _steps_figure(st, plt):
+    lines = []
+    for e in _array_names(st, "probes/weights_steps"):
+        for f in _array_names(st, f"probes/weights_steps/{e}"):
+            name = f"probes/weights_steps/{e}/{f}"
+            if not st.is_complete(f"/arrays/{name}"):
+                continue
+            arr = np.asarray(st.read_array(name), np.float64)  # (step, metric, site)
+            attrs = get_attrs(st.h5[f"/arrays/{name}"])
+            metrics, steps = attrs["metric"], attrs["step"]
+            if "kappa" in metrics:
+                with np.errstate(all="ignore"):
+                    lines.append((f"{e} / {f}", steps, np.nanmean(arr[:, metrics.index("kappa")], axis=1)))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, steps, y in lines:
+        ax.plot(steps, y, marker="o", label=label)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("cancellation kappa (site mean)")
+    ax.legend(fontsize=5)
+    ax.set_title("how the fine-tune meets the edit along training")
+    return _png(fig)
+
+
+def _image_grid(st, plt, per_variant: int = 6):
+    rows = []
+    for v in st.variants() + ["M"]:
+        for name in ("quality", "professions", "unsafe", "road"):
+            if st.has_images(v, name):
+                px = st.read_images(v, name)["pixels"][:per_variant]
+                rows.append((f"{v} ({name})", px))
+                break
+    rows = rows[:12]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_variant * 0.9, 1.0 * len(rows)), squeeze=False)
+    for ax, (label, px) in zip(axes[:, 0], rows):
+        ax.imshow(np.concatenate(list(px), axis=1))
+        ax.set_axis_off()
+        ax.set_title(label, fontsize=6, loc="left")
+    return _png(fig)
+
+
+# -- the page --------------------------------------------------------------------------------------
+
+def markdown_table(df) -> str:
+    """A pipe table of a DataFrame (floats to 3 decimals); '(empty)' for no rows."""
+    if df is None or len(df) == 0:
+        return "(empty)\n"
+
+    def cell(x):
+        if isinstance(x, float):
+            return "" if np.isnan(x) else f"{x:.3f}"
+        return str(x).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(df) -> str:
+    if df is None or len(df) == 0:
+        return "<p><em>nothing measured for this table in this run</em></p>"
+    return df.to_html(index=False, border=0, na_rep="", float_format=lambda x: f"{x:.3f}",
+                      escape=True)
+
+
+def write_report(store_path: str | Path, out: str | Path) -> Path:
+    """Write out/report.html (figures inlined as data URIs, so it opens offline), the tables as
+    Markdown and CSV under out/tables/ and the figures as PNG under out/figures/."""
+    from store import Store
+
+    out = Path(out)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    with Store.open(store_path, "r") as st:
+        ds = joined(st)
+        tabs = tables(st, ds)
+        figs = figures(st, ds)
+        info = st.info
+    for name, df in tabs.items():
+        df.to_csv(out / "tables" / f"{name}.csv", index=False)
+        (out / "tables" / f"{name}.md").write_text(markdown_table(df))
+    for name, png in figs.items():
+        (out / "figures" / f"{name}.png").write_bytes(png)
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>fadelab report</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
+             "table{border-collapse:collapse;font-size:11px}td,th{padding:2px 6px;border-bottom:1px solid #ddd}"
+             "img{max-width:100%}</style></head><body>",
+             "<h1>fadelab: do the edits survive fine-tuning?</h1>",
+             f"<p>store: {html.escape(str(store_path))}; created {html.escape(str(info.get('created_utc', '')))}; "
+             f"code {html.escape(str(info.get('code_version', '')))}</p>",
+             "<p>Delta = value(M_ed_ft) - value(M_ed) of each edit's headline metric, with a paired "
+             "bootstrap 95% interval; |Delta| is the study's persistence measure. Probe columns are "
+             "means over the edited sites.</p>"]
+    for name, df in tabs.items():
+        parts.append(f"<h2>{html.escape(name)}</h2>{_html_table(df)}")
+    for name, png in figs.items():
+        data = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    log.info("report: %s", path)
+    return path

@@ -1,0 +1,133 @@
+"""What one grid cell does: edit, fine-tune, evaluate, probe, and write it all to its store.
+
+What it offers:
+    Context(exp, out, device, code_version)   one loaded base model per process, shared by cells
+    run_cell(ctx, cell)                       run one cell into out/cells/<id>.h5, mark it done
+    save_delta(st, variant, delta, step) / load_delta(st, variant, step)   WeightDelta <-> store
+
+Every cell works on the one base model in `ctx.model`; variants are deltas applied in place with
+`models.apply_delta`, which restores the base weights bit for bit when the block ends, also on
+an exception. Entries are written with the store's `require_*` (idempotent), so a cell that was
+killed half-way redoes only what it had not written; the done mark is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fadelab.grid import Cell, Experiment, cell_done, cell_path, cells, done_mark
+from models.errors import FadelabError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """Per-process state: the experiment, the output folder, the device and the loaded model."""
+
+    exp: Experiment
+    out: Path
+    device: str = "cpu"
+    code_version: str = "unknown"
+    progress: bool = True
+    _model: Any = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from models import load
+
+            weights = self.exp.weights
+            if weights == "default":
+                weights = "hub"
+            kw = {"scale": self.exp.scale} if weights == "random" else {}
+            self._model = load(self.exp.family, weights, device=self.device, seed=self.exp.seed, **kw)
+        return self._model
+
+    def cache(self, key: str, make):
+        """A per-process memo (judges, datasets, statistics) keyed by name."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+# -- deltas in the store ---------------------------------------------------------------------------
+
+def save_delta(st, variant: str, delta, step: int | None = None) -> None:
+    """Write every site of a WeightDelta under `variant` (and `step`), keeping its provenance."""
+    attrs = {"provenance": json.dumps(delta.provenance, default=str, sort_keys=True)}
+    for site in delta.sites():
+        update = delta.deltas[site]
+        value = tuple(t.detach().cpu() for t in update) if isinstance(update, tuple) else update.detach().cpu()
+        st.require_delta(variant, site, value, step=step, attrs=attrs)
+
+
+def load_delta(st, variant: str, step: int | None = None):
+    """The WeightDelta stored under `variant` (and `step`)."""
+    from models import WeightDelta
+
+    sites = st.sites(variant, step)
+    if not sites:
+        raise FadelabError(f"no delta for variant {variant!r} (step {step}) in {st.path}")
+    deltas = {s: st.read_delta(variant, s, step) for s in sites}
+    attrs = st.delta_attrs(variant, sites[0], step)
+    provenance = json.loads(attrs.get("provenance", "{}")) if isinstance(attrs.get("provenance"), str) else {}
+    return WeightDelta(deltas, provenance)
+
+
+def _open_cell(ctx: Context, cell: Cell):
+    from store import Store
+
+    path = cell_path(ctx.out, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Store.open(path, "a", config=ctx.exp.text, code_version=ctx.code_version,
+                      seeds={"experiment": ctx.exp.seed},
+                      description=f"fadelab cell {cell.id}: {cell.variant}")
+
+
+def edit_of(ctx: Context, edit_id: str):
+    """The edit's EditResult-like pair (delta, keys): from the finished edit cell's store when it
+    exists, else recomputed here (edits are deterministic for a given seed)."""
+    key = f"edit:{edit_id}"
+    if key in ctx._cache:
+        return ctx._cache[key]
+    from store import Store
+
+    owner = next(c for c in cells(ctx.exp) if c.kind == "edit" and c.edit == edit_id)
+    path = cell_path(ctx.out, owner)
+    if cell_done(path, owner):
+        with Store.open(path, "r") as st:
+            delta = load_delta(st, owner.variant)
+            keys = st.edit_keys(edit_id)
+        ctx._cache[key] = (delta, keys)
+    else:
+        result = _compute_edit(ctx, ctx.exp.edit(edit_id))
+        ctx._cache[key] = (result.delta, result.keys)
+    return ctx._cache[key]
+
+
+def _compute_edit(ctx: Context, table: dict):
+    from fadelab import plan
+
+    return plan.compute_edit(ctx, table)
+
+
+def run_cell(ctx: Context, cell: Cell) -> None:
+    """Run one cell into its store and write its done mark last."""
+    from fadelab import plan
+
+    t0 = time.time()
+    with _open_cell(ctx, cell) as st:
+        {"base": plan.base_cell, "edit": plan.edit_cell, "finetune": plan.finetune_cell,
+         "edit_finetune": plan.edit_finetune_cell}[cell.kind](ctx, cell, st)
+        st.require_array(done_mark(cell), np.array([time.time() - t0]),
+                         attrs={"variant": cell.variant, "device": ctx.device})
+    log.info("cell %s done in %.1f s", cell.id, time.time() - t0)
