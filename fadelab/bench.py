@@ -59,7 +59,8 @@ RATE_NAMES = {
     "edit_refact_s": "one ReFACT edit, seconds",
     "edit_uce_s": "one UCE edit, seconds",
 }
-HOOKS = {"edit": "editing.bench", "finetune": "finetuning.bench", "probe": "probes.bench"}
+HOOKS = {"edit": ("editing.bench",), "finetune": ("finetuning.bench",),
+         "probe": ("probes.weights_bench", "probes.neurons_bench", "probes.bench")}
 PROMPTS = ("a photo of a ceo in an office", "a teacher in front of a blackboard", "a red apple on a table",
            "a watercolour painting of a lighthouse", "a farmer in a wheat field", "a cat sleeping on a sofa",
            "a city street at night in the rain", "a portrait of a hairdresser")
@@ -425,6 +426,9 @@ def measure_generation(setting: GenSetting, device: str, config: Any, *, stock: 
         for k in range(1, len(batches)):
             a, b = stock_batch(k), fast_batch(gen, k)
             res["diff"].append(np.abs(a.astype(np.int16) - b))
+        # each side's peak without the other side's copy of the weights, resident throughout
+        res["peak_stock"] = max(0, res["peak_stock"] - _weight_bytes(gen.model))
+        res["peak_fast"] = max(0, res["peak_fast"] - _weight_bytes(stock))
     else:
         ref = [stock_batch(k) for k in range(1, len(batches))]
         gen = FastGenerator(stock, cfg)
@@ -433,6 +437,14 @@ def measure_generation(setting: GenSetting, device: str, config: Any, *, stock: 
             res["diff"].append(np.abs(ref[k - 1].astype(np.int16) - fast_batch(gen, k)))
     res["gen"] = gen
     return res
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of every parameter and buffer of a loaded model's pipeline components."""
+    import torch
+
+    modules = [m for m in model.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 def generation_rows(setting: GenSetting, device: str, config: Any = None, *, name: str = "generation",
@@ -563,20 +575,24 @@ def record_rows(device: str, quick: bool = False, directory: str | Path | None =
 
 
 def hook_rows(name: str, device: str, quick: bool = False) -> list[Row]:
-    """Rows of another room's benchmark module (HOOKS[name]), imported only now; a row noting
-    "not available" while that module or its `bench_rows` does not exist."""
-    module_name = HOOKS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not module_name.startswith(e.name):
-            raise
-        module = None
-    fn = getattr(module, "bench_rows", None)
-    if fn is None:
-        return [Row(f"{name}: {module_name}.bench_rows", device_name(device), time.strftime("%Y-%m-%d"), None, None,
-                    "", None, f"not available: {module_name} offers no bench_rows(device, quick) yet")]
-    return [r if isinstance(r, Row) else Row.from_dict(r) for r in fn(device=device, quick=quick)]
+    """Rows of another room's benchmark modules (HOOKS[name]), each imported only now; one row
+    noting "not available" while none of them offers `bench_rows`."""
+    rows: list[Row] = []
+    for module_name in HOOKS[name]:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module_name.startswith(e.name):
+                raise  # the module exists but something it imports does not
+            continue
+        fn = getattr(module, "bench_rows", None)
+        if fn is not None:
+            rows += [r if isinstance(r, Row) else Row.from_dict(r) for r in fn(device=device, quick=quick)]
+    if not rows:
+        wanted = " or ".join(f"{m}.bench_rows" for m in HOOKS[name])
+        rows.append(Row(f"{name}: {wanted}", device_name(device), time.strftime("%Y-%m-%d"), None, None, "", None,
+                        f"not available: no {wanted}(device, quick) yet"))
+    return rows
 
 
 # -- the study's grid in GPU-hours -------------------------------------------------------------------
@@ -690,7 +706,7 @@ def gpu_hours_rows(rows: list[Row], assumptions: GridAssumptions | None = None) 
         for k, v in r.extra.get("rates", {}).items():
             rates[k] = float(v)
             devices.add(r.device)
-            if k == "gen_image_s":
+            if k == "gen_image_s" and "setting" in r.extra:
                 gen_steps, where = r.extra["setting"]["steps"], GenSetting(**r.extra["setting"]).label()
     if gen_steps is None:
         gen_steps = a.eval_steps

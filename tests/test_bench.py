@@ -117,7 +117,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_hooks_join_when_their_module_exists(tmp_path, monkeypatch):
-    monkeypatch.setitem(bench.HOOKS, "edit", "fadelab_no_such_bench_module")
+    monkeypatch.setitem(bench.HOOKS, "edit", ("fadelab_no_such_bench_module",))
     row, = bench.hook_rows("edit", "cpu")
     assert row.fadelab is None and row.notes.startswith("not available")
     (tmp_path / "roomx_bench.py").write_text(
@@ -125,7 +125,7 @@ def test_hooks_join_when_their_module_exists(tmp_path, monkeypatch):
         "    return [dict(benchmark='edit: uce', device=device, date='2026-11-28', fadelab=0.5, baseline=2.0,\n"
         "                 unit='s', ratio=4.0, extra={'rates': {'edit_uce_s': 0.5}})]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(bench.HOOKS, "edit", "roomx_bench")
+    monkeypatch.setitem(bench.HOOKS, "edit", ("fadelab_no_such_bench_module", "roomx_bench"))
     row, = bench.hook_rows("edit", "cpu", quick=True)
     assert (row.benchmark, row.fadelab, row.ratio, row.extra["rates"]) == ("edit: uce", 0.5, 4.0, {"edit_uce_s": 0.5})
     sys.modules.pop("roomx_bench", None)

@@ -33,7 +33,7 @@ def organism():
 
 @pytest.fixture(scope="module")
 def sd14():
-    return models.load("sd14", "random", scale=0.125, seed=3)
+    return models.load("sd14", "random", scale=0.0625, seed=3)
 
 
 def test_organism_matches_stock_pipeline(organism):
@@ -88,12 +88,15 @@ def test_noise_is_the_stock_draw(sd14):
 
 
 def test_flux_noise_is_packed_as_the_pipeline_packs_it():
+    """FLUX takes packed latents; whole FLUX and SDXL generations matched stock exactly when
+    checked by hand (scale 0.0625, 64 px), too slow for the suite."""
     flux = models.load("flux-schnell", "random", scale=0.0625)
     latents, _ = initial_noise(flux.pipe, [1, 2], 64, 64, torch.float32)
     c = flux.pipe.transformer.config.in_channels // 4
     ref, _ = flux.pipe.prepare_latents(2, c, 64, 64, torch.float32, "cpu",
                                        [torch.Generator().manual_seed(s) for s in (1, 2)])
     assert torch.equal(latents, ref)
+    assert FastGenerator(flux).guidance_scale == 0.0 and FastGenerator(flux).steps == 4  # schnell's defaults
 
 
 def test_config_errors_and_file(tmp_path):
