@@ -36,8 +36,13 @@ Warning: QKV fusion (`fuse_qkv_projections`) and inductor's `freezing` are not o
 copy the weights into new tensors, so a delta applied to `unet.xattn.*.to_k` afterwards would
 not reach the computation.
 
+Precision is the loaded model's: load in bf16 on CUDA (`models.load(..., dtype=torch.bfloat16)`),
+as the benchmarks do; nothing here casts weights.
+
 Warning: `prepare()` changes the loaded modules in place (memory format, compiled call), so a
-model prepared for fast generation serves stock calls through the compiled modules too.
+model prepared for fast generation serves stock calls through the compiled modules too, and
+forward hooks added afterwards (activation recorders) make dynamo recompile: record with a
+model that was not compiled.
 """
 
 from __future__ import annotations
