@@ -736,7 +736,7 @@ def gpu_hours_rows(rows: list[Row], assumptions: GridAssumptions | None = None) 
 
 
 def data_parallel_rows(setting: GenSetting, config: Any = None, *, state: Any = None,
-                       images_per_process: int = 32, seed: int = 0) -> list[Row]:
+                       images_per_process: int = 48, seed: int = 0) -> list[Row]:
     """Data-parallel generation (`models.fastgen.generate_data_parallel`) on every process of an
     accelerate launch, against the main process alone, in the same call.
 
@@ -785,7 +785,7 @@ def data_parallel_rows(setting: GenSetting, config: Any = None, *, state: Any = 
     same = [bool((diff[i] == 0).all()) for i in range(n)]
     k = state.num_processes
     notes = (f"N = {n} images ({images_per_process} per process), {k} processes of accelerate "
-             f"(PartialState.split_between_processes, gather_object), {type(state.device).__name__} {device}; "
+             f"(PartialState.split_between_processes in whole batches, accelerate.utils.gather of uint8 images), {type(state.device).__name__} {device}; "
              f"baseline: the main process alone on the same N in the same call; scaling target >= 1.8 on 2 GPUs; "
              f"{sum(same)}/{n} images identical to the single-process run (max |d| {int(diff.max())}/255); "
              f"weights checksum equal on all processes: {len(set(sums)) == 1}; "

@@ -388,12 +388,12 @@ def generate_data_parallel(gen: FastGenerator, prompts: Sequence[str], seeds: Se
 
     The pairs are cut into the batches one process would run (batch_size each, in order),
     the batches split into contiguous runs in rank order (`PartialState.split_between_processes`),
-    each process generates its run on its own device, and the runs are gathered
-    (`gather_object`), so every process returns all N images in the input order, each computed
-    in the same batch as on one process. Without a launcher this is `gen.generate`.
+    each process generates its run on its own device, and the runs are gathered as uint8
+    tensors (`accelerate.utils.gather`, padded to the longest run), so every process returns
+    all N images in the input order, each computed in the same batch as on one process.
+    Without a launcher this is `gen.generate`.
     """
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     state = state or PartialState()
     prompts, seeds = list(prompts), list(seeds)
@@ -405,5 +405,13 @@ def generate_data_parallel(gen: FastGenerator, prompts: Sequence[str], seeds: Se
         mine = [i for batch in runs for i in batch]
         local = gen.generate([prompts[i] for i in mine], [seeds[i] for i in mine], delta=delta,
                              progress=state.is_main_process)
-    parts = gather_object([local]) if state.num_processes > 1 else [local]
-    return np.concatenate(parts)
+    if state.num_processes == 1:
+        return local
+    from accelerate.utils import gather
+
+    counts = gather(torch.tensor([len(local)], device=state.device)).tolist()  # images per process
+    longest = max(counts)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=torch.uint8, device=state.device)
+    padded[:len(local)] = torch.from_numpy(local).to(state.device)
+    every = gather(padded).cpu()  # (processes * longest, H, W, 3), rank order
+    return torch.cat([every[r * longest:r * longest + c] for r, c in enumerate(counts)]).numpy()

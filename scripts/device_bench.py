@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default=None, choices=("none", "regional", "full"), help="override compile")
     p.add_argument("--options", default=None, help="gen-options: comma-separated option sets")
     p.add_argument("--rows", nargs="*", default=[], help="JSON rows from earlier calls (for estimate)")
-    p.add_argument("--images-per-process", type=int, default=32, help="multigpu: images per process")
+    p.add_argument("--images-per-process", type=int, default=48, help="multigpu: images per process")
     p.add_argument("--budget-s", type=float, default=450.0, help="skip parts that would start after this")
     p.add_argument("--warm-cache", action="store_true", help="keep the inductor cache between calls")
     args = p.parse_args(argv)
