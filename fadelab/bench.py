@@ -391,7 +391,10 @@ def measure_generation(setting: GenSetting, device: str, config: Any, *, stock: 
     from models.fastgen import FastGenerator, native_size
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    load = lambda: models.load(setting.family, "random", scale=setting.scale, device=device, dtype=dtype, seed=seed)  # noqa: E731
+
+    def load() -> Any:
+        return models.load(setting.family, "random", scale=setting.scale, device=device, dtype=dtype, seed=seed)
+
     stock = stock or load()
     size = setting.size or native_size(stock.pipe)
     kw = {"max_sequence_length": setting.max_sequence_length} if setting.max_sequence_length else {}
@@ -785,11 +788,13 @@ def data_parallel_rows(setting: GenSetting, config: Any = None, *, state: Any = 
     same = [bool((diff[i] == 0).all()) for i in range(n)]
     k = state.num_processes
     notes = (f"N = {n} images ({images_per_process} per process), {k} processes of accelerate "
-             f"(PartialState.split_between_processes in whole batches, accelerate.utils.gather of uint8 images), {type(state.device).__name__} {device}; "
+             f"(PartialState.split_between_processes in whole batches, accelerate.utils.gather of uint8 "
+             f"images), this process on {device}; "
              f"baseline: the main process alone on the same N in the same call; scaling target >= 1.8 on 2 GPUs; "
              f"{sum(same)}/{n} images identical to the single-process run (max |d| {int(diff.max())}/255); "
              f"weights checksum equal on all processes: {len(set(sums)) == 1}; "
-             f"first batch (compile, warm-up) {warm:.1f} s per process, not timed; lab options {', '.join(gen.applied)}")
+             f"first batch (compile, warm-up) {warm:.1f} s per process, not timed; "
+             f"lab options {', '.join(gen.applied)}")
     return [Row(f"data-parallel generation: {setting.label()}, {k} processes", device_name(device),
                 time.strftime("%Y-%m-%d"), n / tn, n / t1, "images/s", ratio(n / tn, n / t1, True), notes,
                 _peak(device), {"images_identical": sum(same), "images": n, "max_diff": int(diff.max()),

@@ -68,7 +68,8 @@ def test_variant_equals_merged_model_and_base_is_restored(organism):
     out = gen.variants({"M": None, "M_ed": delta}, PROMPTS[:2], SEEDS[:2], progress=False)
     assert torch.equal(organism.weight(site), before[site])  # restored bit for bit
     merged = merge_delta(models.load("organism"), delta)
-    ref = FastGenerator(merged, FastGenConfig(steps=STEPS, batch_size=2)).generate(PROMPTS[:2], SEEDS[:2], progress=False)
+    ref = FastGenerator(merged, FastGenConfig(steps=STEPS, batch_size=2)).generate(PROMPTS[:2], SEEDS[:2],
+                                                                                  progress=False)
     assert np.abs(out["M_ed"].astype(int) - ref).max() <= 1
     assert np.abs(out["M_ed"].astype(int) - out["M"]).mean() > 5.0  # the delta changed the images (17 seen)
 
