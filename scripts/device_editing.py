@@ -1,0 +1,273 @@
+"""Issue 3 on the GPU: the organism's acceptance numbers for UCE and ReFACT, the ReFACT layer
+sweep, and the benchmark on SD1.4's architecture with random weights.
+
+    python scripts/device_editing.py --out DIR [--n 100] [--sweep-n 10] [--device cuda]
+                                     [--parts erase,debias,refact,sweep,sd14] [--sd14-scale 1]
+
+(a) the organism, n images per line, judged by the oracle (and by the organism's CLIP):
+    erase   UCE erase of its unsafe words (preserving 50 safe captions): unsafe-marker rate and
+            safe-prompt fidelity, before and after
+    debias  UCE debias of the six study professions (oracle judge in the loop): F_p and the
+            mean delta = |F_p - 0.5| / 0.5 before and after, oracle and CLIP
+    refact  ReFACT with the organism's defaults on all 22 RoAD-schema requests: efficacy,
+            generality, specificity (n images per line and request), oracle and CLIP
+    sweep   ReFACT at every layer x fact token (sweep-n images per line and request)
+(b) sd14    UCE with 1 concept + 100 preserve prompts and one ReFACT edit on models.load("sd14",
+            "random"): seconds and torch.cuda.max_memory_allocated (C's statistic timed apart).
+
+Writes DIR/editing.json (every number, the targets and whether each passed) and prints a summary.
+Target: under 4 minutes on one H100 with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from editing import (DebiasHparams, ReFACTHparams, UCEHparams, organism_corpus,  # noqa: E402
+                     organism_profession_preserve, organism_road_requests, organism_safe_prompts,
+                     refact, second_moment, uce_debias, uce_erase)
+from editing.evaluate import Measurer, bias_delta  # noqa: E402
+from editing.presets import ORGANISM_UNSAFE  # noqa: E402
+from editing.refact import default_fact_token, default_layer  # noqa: E402
+from models.organism import world  # noqa: E402
+
+log = logging.getLogger("device_editing")
+
+TARGETS = {
+    "erase_unsafe_relative_cut": (">=", 0.80),
+    "erase_fidelity_drop": ("<=", 0.05),
+    "debias_mean_delta_after": ("<=", 0.20),
+    "refact_efficacy": (">=", 0.90),
+    "refact_generality": (">=", 0.70),
+    "refact_specificity": (">=", 0.90),
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def part_erase(m, meas: Measurer, n: int) -> dict:
+    preserve = organism_safe_prompts(50)
+    t = time.perf_counter()
+    r = uce_erase(m, list(ORGANISM_UNSAFE), UCEHparams(), preserve=preserve)
+    edit_s = time.perf_counter() - t
+    out = {"concepts": list(ORGANISM_UNSAFE), "n_preserve": len(preserve), "edit_seconds": edit_s,
+           "unsafe_before": meas.unsafe_rate(n), "unsafe_after": meas.unsafe_rate(n, r.delta),
+           "fidelity_before": meas.safe_fidelity(n), "fidelity_after": meas.safe_fidelity(n, r.delta),
+           "info": r.info}
+    out["unsafe_relative_cut"] = 1 - out["unsafe_after"] / max(out["unsafe_before"], 1e-9)
+    out["fidelity_drop"] = out["fidelity_before"] - out["fidelity_after"]
+    return out
+
+
+def part_debias(m, meas: Measurer, n: int, h: DebiasHparams) -> dict:
+    profs = list(world.STUDY_PROFESSIONS)
+    t = time.perf_counter()
+    r = uce_debias(m, profs, meas.gender, h, preserve=organism_profession_preserve(profs))
+    edit_s = time.perf_counter() - t
+    before = meas.female_shares(profs, n)
+    after = meas.female_shares(profs, n, r.delta)
+    out = {"professions": profs, "edit_seconds": edit_s, "rounds": r.info["rounds"],
+           "converged": r.info["converged"], "loop_female_shares": r.info["final_female_shares"],
+           "history": r.info["history"], "hparams": r.hparams_dict()}
+    for judge in before:
+        out[f"female_before_{judge}"] = before[judge]
+        out[f"female_after_{judge}"] = after[judge]
+        out[f"mean_delta_before_{judge}"] = float(np.mean([bias_delta(f) for f in before[judge].values()]))
+        out[f"mean_delta_after_{judge}"] = float(np.mean([bias_delta(f) for f in after[judge].values()]))
+    return out
+
+
+def _refact_all(m, meas, rows, n, h: ReFACTHparams, corpus) -> dict:
+    site = f"text.mlp.{h.layer if h.layer is not None else default_layer(m)}.fc2"
+    stats = second_moment(m, site, corpus)
+    t = time.perf_counter()
+    results = [refact(m, row, h, stats=stats) for row in rows]
+    edit_s = time.perf_counter() - t
+    scores = meas.refact_scores(rows, results, n)
+    scores.update(edit_seconds=edit_s, steps=[r.info["steps"] for r in results],
+                  p_new=[r.info["p_new"] for r in results], site=site)
+    return scores
+
+
+def part_refact(m, meas: Measurer, n: int, corpus) -> dict:
+    h = ReFACTHparams()
+    out = _refact_all(m, meas, organism_road_requests(), n, h, corpus)
+    out.update(layer=default_layer(m), fact_token=default_fact_token(m))
+    return out
+
+
+def part_sweep(m, meas: Measurer, n: int, corpus) -> dict:
+    rows = organism_road_requests()
+    table = {}
+    for fact_token in ("subject_last", "last"):
+        for layer in range(m.text_encoders[0].config.num_hidden_layers):
+            t = time.perf_counter()
+            s = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=fact_token), corpus)
+            table[f"{fact_token}/{layer}"] = {**s["mean"], "mean_steps": float(np.mean(s["steps"])),
+                                              "mean_p_new": float(np.mean(s["p_new"])),
+                                              "seconds": time.perf_counter() - t}
+            log.info("sweep %s layer %d: %s", fact_token, layer,
+                     {k: round(v, 3) for k, v in table[f"{fact_token}/{layer}"].items()})
+    return table
+
+
+def part_sd14(device: str, scale: float) -> dict:
+    m = models.load("sd14", "random", scale=scale, device=device)
+    preserve = organism_safe_prompts(100, seed=11)
+    cuda = device.startswith("cuda")
+    out: dict = {"device": device, "scale": scale, "dtype": str(m.dtype), "n_preserve": len(preserve)}
+    if cuda:
+        out["gpu"] = torch.cuda.get_device_name()
+        out["model_memory_bytes"] = torch.cuda.memory_allocated()
+    for label in ("uce_cold", "uce"):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        t = time.perf_counter()
+        r = uce_erase(m, ["a painting of a cat"], UCEHparams(), preserve=preserve)
+        _sync(device)
+        out[f"{label}_seconds"] = time.perf_counter() - t
+        if cuda:
+            out[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated()
+    out["uce_sites"], out["uce_rows"] = len(r.sites()), [r.info["rows_edited"], r.info["rows_preserved"]]
+    site = "text.mlp.7.fc2"
+    t = time.perf_counter()
+    stats = second_moment(m, site, organism_corpus(2000, seed=3))
+    _sync(device)
+    out["refact_stats_seconds"], out["refact_stats_tokens"] = time.perf_counter() - t, stats.count
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    r = refact(m, {"prompt": "a painting of a cat", "subject": "a cat", "new": "a dog", "old": "a cat"},
+               ReFACTHparams(), stats={site: stats})
+    _sync(device)
+    out["refact_seconds"], out["refact_steps"] = time.perf_counter() - t, r.info["steps"]
+    if cuda:
+        out["refact_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def _passed(res: dict) -> dict:
+    got = {}
+    if "erase" in res:
+        got["erase_unsafe_relative_cut"] = res["erase"]["unsafe_relative_cut"]
+        got["erase_fidelity_drop"] = res["erase"]["fidelity_drop"]
+    if "debias" in res:
+        got["debias_mean_delta_after"] = res["debias"]["mean_delta_after_oracle"]
+    if "refact" in res:
+        for k in ("efficacy", "generality", "specificity"):
+            got[f"refact_{k}"] = res["refact"]["mean"][k]
+    return {k: {"value": v, "target": f"{TARGETS[k][0]} {TARGETS[k][1]}",
+                "passed": bool(v >= TARGETS[k][1] - 1e-9 if TARGETS[k][0] == ">=" else v <= TARGETS[k][1] + 1e-9)}
+            for k, v in got.items()}
+
+
+def summary(res: dict) -> str:
+    lines = [f"editing on {res['device']} ({res.get('gpu', 'cpu')}), n={res['n']}, {res['seconds']:.0f} s"]
+    if "erase" in res:
+        e = res["erase"]
+        lines.append(f"  UCE erase   unsafe {e['unsafe_before']:.3f} -> {e['unsafe_after']:.3f} "
+                     f"(cut {e['unsafe_relative_cut']:.1%}); fidelity {e['fidelity_before']:.3f} -> "
+                     f"{e['fidelity_after']:.3f}")
+    if "debias" in res:
+        d = res["debias"]
+        lines.append(f"  UCE debias  mean delta oracle {d['mean_delta_before_oracle']:.3f} -> "
+                     f"{d['mean_delta_after_oracle']:.3f}, CLIP {d['mean_delta_before_clip']:.3f} -> "
+                     f"{d['mean_delta_after_clip']:.3f} ({d['rounds']} rounds, converged {d['converged']})")
+        for p in d["professions"]:
+            lines.append(f"      {p:12s} F oracle {d['female_before_oracle'][p]:.2f} -> {d['female_after_oracle'][p]:.2f}"
+                         f"   CLIP {d['female_before_clip'][p]:.2f} -> {d['female_after_clip'][p]:.2f}")
+    if "refact" in res:
+        r = res["refact"]["mean"]
+        lines.append(f"  ReFACT      layer {res['refact']['layer']} ({res['refact']['fact_token']}): oracle "
+                     f"eff {r['efficacy']:.3f} gen {r['generality']:.3f} spec {r['specificity']:.3f}; CLIP eff "
+                     f"{r['efficacy_clip']:.3f} gen {r['generality_clip']:.3f} spec {r['specificity_clip']:.3f}")
+    if "sweep" in res:
+        lines.append("  ReFACT sweep (oracle eff / gen / spec, CLIP eff / gen / spec):")
+        for k, v in res["sweep"].items():
+            lines.append(f"      {k:16s} {v['efficacy']:.2f} {v['generality']:.2f} {v['specificity']:.2f}   "
+                         f"{v['efficacy_clip']:.2f} {v['generality_clip']:.2f} {v['specificity_clip']:.2f}"
+                         f"   p(new) {v['mean_p_new']:.2f}")
+    if "sd14" in res:
+        s = res["sd14"]
+        mb = 2**20
+        lines.append(f"  SD1.4 random (scale {s['scale']:g}): UCE 1 concept + {s['n_preserve']} preserve "
+                     f"{s['uce_seconds']:.2f} s (cold {s['uce_cold_seconds']:.2f} s), peak "
+                     f"{s.get('uce_peak_bytes', 0) / mb:.0f} MiB; ReFACT {s['refact_seconds']:.2f} s "
+                     f"({s['refact_steps']} steps), peak {s.get('refact_peak_bytes', 0) / mb:.0f} MiB; "
+                     f"C over {s['refact_stats_tokens']} tokens {s['refact_stats_seconds']:.2f} s")
+    for k, v in res.get("passed", {}).items():
+        lines.append(f"  {k:28s} {v['value']:.3f}  target {v['target']:7s} {'ok' if v['passed'] else 'NOT REACHED'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=100, help="images per line (default 100)")
+    p.add_argument("--sweep-n", type=int, default=10, help="images per line and request in the sweep")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parts", default="erase,debias,refact,sweep,sd14")
+    p.add_argument("--sd14-scale", type=float, default=None, help="default: 1 on CUDA, 0.125 on the CPU")
+    p.add_argument("--debias-images", type=int, default=None, help="images per profession per round")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = set(args.parts.split(","))
+    t0 = time.perf_counter()
+    res: dict = {"device": args.device, "n": args.n, "sweep_n": args.sweep_n, "parts": sorted(parts),
+                 "measured": time.strftime("%Y-%m-%d %H:%M")}
+    if args.device.startswith("cuda"):
+        res["gpu"] = torch.cuda.get_device_name()
+    seconds = {}
+    if parts & {"erase", "debias", "refact", "sweep"}:
+        m = models.load("organism", device=args.device)
+        meas = Measurer(m)
+        corpus = organism_corpus(20000)
+        for name in ("erase", "debias", "refact", "sweep"):
+            if name not in parts:
+                continue
+            t = time.perf_counter()
+            if name == "erase":
+                res[name] = part_erase(m, meas, args.n)
+            elif name == "debias":
+                h = DebiasHparams() if args.debias_images is None else DebiasHparams(n_images=args.debias_images)
+                res[name] = part_debias(m, meas, args.n, h)
+            elif name == "refact":
+                res[name] = part_refact(m, meas, args.n, corpus)
+            else:
+                res[name] = part_sweep(m, meas, args.sweep_n, corpus)
+            seconds[name] = time.perf_counter() - t
+            log.info("%s done in %.1f s", name, seconds[name])
+            (out / "editing.json").write_text(json.dumps(res, indent=1, default=str))
+    if "sd14" in parts:
+        t = time.perf_counter()
+        scale = args.sd14_scale or (1.0 if args.device.startswith("cuda") else 0.125)
+        res["sd14"] = part_sd14(args.device, scale)
+        seconds["sd14"] = time.perf_counter() - t
+    res["part_seconds"] = seconds
+    res["seconds"] = time.perf_counter() - t0
+    res["passed"] = _passed(res)
+    (out / "editing.json").write_text(json.dumps(res, indent=1, default=str))
+    print(summary(res))
+    print(f"wrote {out / 'editing.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The edits on the real organism on CPU, small samples with stated tolerances (the full
+acceptance numbers come from scripts/device_editing.py; docs/editing.md has them)."""
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from editing import (DebiasHparams, OrganismClip, UCEHparams, open_clip_judge, oracle_judge,
+                     organism_profession_preserve, organism_road_requests, organism_safe_prompts, uce_debias,
+                     uce_erase)
+from editing.evaluate import Measurer, road_expect
+from editing.presets import ORGANISM_UNSAFE
+from models import FadelabError
+from models.organism import render, world
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return models.load("organism")
+
+
+@pytest.fixture(scope="module")
+def measurer(organism):
+    return Measurer(organism)
+
+
+def _unet_state(model):
+    return {k: v.clone() for k, v in model.pipe.unet.state_dict().items()}
+
+
+def test_judges_read_gender_from_renders():
+    rng = np.random.default_rng(0)
+    scenes = [world.sample_scene(rng, world.WorldMix(kinds=(0, 1, 0, 0))) for _ in range(40)]
+    images = render.render_batch(scenes)
+    truth = np.array([s.gender == "female" for s in scenes], dtype=float)
+    assert (oracle_judge()(images) == truth).mean() >= 0.95
+    assert (OrganismClip().judge()(images) == truth).mean() >= 0.95
+    objects = render.render_batch([world.Scene("object", obj="apple")])
+    assert np.isnan(oracle_judge()(objects)).all()  # no person: the judge cannot tell
+    with pytest.raises(FadelabError, match="do not exist"):
+        open_clip_judge("/no/such/weights.bin")
+
+
+def test_uce_erase_removes_the_unsafe_markers_and_keeps_safe_prompts(organism, measurer):
+    before = _unet_state(organism)
+    r = uce_erase(organism, list(ORGANISM_UNSAFE), UCEHparams(), preserve=organism_safe_prompts(50))
+    assert all(torch.equal(v, _unet_state(organism)[k]) for k, v in before.items())
+    # measured at 24 per line: unsafe 1.00 -> 0.08, fidelity 1.00 -> 1.00
+    assert measurer.unsafe_rate(8) >= 6 / 8
+    assert measurer.unsafe_rate(8, r.delta) <= 2 / 8
+    assert measurer.safe_fidelity(8, r.delta) >= 6 / 8
+    assert all(torch.equal(v, _unet_state(organism)[k]) for k, v in before.items())
+
+
+def test_uce_debias_moves_the_skewed_profession_towards_balance(organism, measurer):
+    h = DebiasHparams(n_images=8, max_rounds=2)
+    r = uce_debias(organism, ["ceo"], measurer.gender, h, preserve=organism_profession_preserve(["ceo"]))
+    assert r.method == "uce_debias" and r.info["rounds"] in (1, 2) and len(r.info["history"]) == r.info["rounds"]
+    assert r.info["initial_female_shares"]["ceo"] <= 0.35  # stated 0.15
+    alpha = r.info["alpha"]["ceo"]
+    assert alpha[0] > 0 > alpha[1]  # towards "a female ceo", away from "a male ceo"
+    # tail rows: "a ceo", "an image of a ceo", "a picture of a ceo" end at tokens 2, 5, 5 and their
+    # "a female ceo" twins one later, so each takes 77 - (last + 1) rows: 74 + 71 + 71
+    assert r.keys["c_e"].shape == (216, 128)
+    with pytest.raises(FadelabError, match="no word 'astronaut'"):
+        uce_debias(organism, ["astronaut"], measurer.gender, h)
+
+
+def test_road_expectations_cover_every_request():
+    for row in organism_road_requests():
+        for key in ("Prompt", "New", "Old", *[f"Positive_oracle{i}" for i in range(1, 6)],
+                    *[f"Negative{i}" for i in range(1, 6)]):
+            assert road_expect(row[key])  # every prompt names something the oracle reads
