@@ -1,0 +1,98 @@
+"""Fine-tuning speed on Stable Diffusion 1.4's architecture (random weights): the lab's loop against the
+diffusers recipe's way, measured in the same run.
+
+Offers
+    synthetic_images(n, resolution, seed) -> ImageTensors   smooth random images with captions
+    step_benchmark(device, ...) -> dict   seconds per step of UNet LoRA with the lab's caches
+                                          against the same loop with caching off (the recipe's
+                                          step: VAE and text encoder run every step), their
+                                          ratio, and full fine-tuning's step time and peak memory
+    bench_rows(device, quick) -> list[dict]   the same as rows for `fadelab bench`
+
+What the ratio isolates: both sides run the same loop (SDPA attention, bf16 autocast, AdamW,
+images already in memory), so it is the cost of the per-step VAE encode and text encode that
+train_text_to_image_lora.py pays and a cached run does not. Step times exclude the first three
+steps (CUDA kernel selection) and the one-time cache build.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_WORDS = ("red", "blue", "green", "small", "old", "shiny")
+_NOUNS = ("cup", "dog", "house", "car", "tree", "chair", "lamp", "boat")
+
+
+def synthetic_images(n: int, resolution: int, seed: int = 0):
+    """n smooth random RGB images (upsampled 8x8 noise) with captions like "a photo of a red cup"."""
+    from .data import ImageTensors
+
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(resolution, resolution), mode="bicubic", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    rng = np.random.default_rng(seed)
+    captions = [f"a photo of a {rng.choice(_WORDS)} {rng.choice(_NOUNS)}" for _ in range(n)]
+    return ImageTensors(np.ascontiguousarray(images), captions)
+
+
+def step_benchmark(device: str = "cuda", *, steps: int = 20, batch: int = 8, resolution: int = 512,
+                   scale: float = 1.0, n_images: int = 32, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Step times of the lab's UNet LoRA (cached), the recipe-style LoRA step (no cache) and full
+    fine-tuning on models.load("sd14", "random", scale) at `resolution`, batch `batch`, bf16
+    autocast on CUDA. Returns seconds per step, the ratio recipe / lab, and peak memory."""
+    import models
+
+    from .hparams import FullHParams, LoraHParams
+    from .loop import train
+
+    t0 = time.perf_counter()
+    model = models.load("sd14", "random", scale=scale, device=device, seed=seed)
+    load_s = time.perf_counter() - t0
+    data = synthetic_images(n_images, resolution, seed)
+    lora = LoraHParams(target="unet", steps=steps, batch_size=batch, resolution=resolution)
+    out: dict[str, Any] = {"device": str(device), "scale": scale, "resolution": resolution, "batch": batch,
+                           "steps": steps, "load_seconds": round(load_s, 1)}
+    runs = {"recipe_lora": replace(lora, cache=False), "lab_lora": lora,
+            "full": FullHParams(steps=steps, batch_size=batch, grad_accum=1, resolution=resolution)}
+    for name, hp in runs.items():
+        r = train(model, data, hp, seed=seed, progress=progress)
+        out[name] = {"step_seconds": r.info["step_seconds"], "seconds": r.info["seconds"],
+                     "peak_memory_gib": r.info.get("peak_memory_gib"), "attention": r.info["attention"],
+                     "bf16_autocast": r.info["bf16_autocast"], "loss_last": float(r.loss[-1])}
+        log.info("%s: %.4f s/step", name, r.info["step_seconds"] or float("nan"))
+        del r
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    lab, recipe = out["lab_lora"]["step_seconds"], out["recipe_lora"]["step_seconds"]
+    out["lora_speedup"] = recipe / lab if lab and recipe else None
+    return out
+
+
+def bench_rows(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:
+    """`fadelab bench` rows: LoRA step (lab vs recipe) and full fine-tuning step with peak memory."""
+    kw = dict(steps=6, scale=0.25, resolution=256) if quick else {}
+    m = step_benchmark(device, **kw)
+    date = time.strftime("%Y-%m-%d")
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    setting = f"SD1.4 random weights (scale {m['scale']:g}), {m['resolution']} px, batch {m['batch']}, bf16 autocast"
+    full_peak = m["full"]["peak_memory_gib"]
+    return [
+        {"benchmark": "finetune: UNet LoRA step, cached latents/text vs recipe step", "device": name, "date": date,
+         "fadelab": m["lab_lora"]["step_seconds"], "baseline": m["recipe_lora"]["step_seconds"], "unit": "s/step",
+         "ratio": m["lora_speedup"], "notes": setting + "; baseline = same loop with VAE and text encoder every step",
+         "peak_mem": int(m["lab_lora"]["peak_memory_gib"] * 2**30) if m["lab_lora"]["peak_memory_gib"] else None,
+         "extra": m},
+        {"benchmark": "finetune: full UNet step", "device": name, "date": date,
+         "fadelab": m["full"]["step_seconds"], "baseline": None, "unit": "s/step", "ratio": None,
+         "notes": setting + "; AdamW fp32 master weights; no baseline measured",
+         "peak_mem": int(full_peak * 2**30) if full_peak else None, "extra": {}},
+    ]

@@ -1,0 +1,143 @@
+"""Caches that take the frozen VAE and text encoder out of the training step.
+
+Offers
+    LatentCache.build(vae, dataset, resolution, ...)   VAE posterior (mean, std) of every image,
+                                                       scaled by the VAE's scaling factor, held
+                                                       by dataset index
+    LatentCache.sample(indices, generator)             z = mean + std * eps (or the mean)
+    TextCache.build(tokenizer, captions)               token ids per unique caption, and the
+                                                       caption row of every dataset index
+    TextCache.encode(text_encoder, ...)                the frozen text encoder's hidden states
+                                                       per unique caption
+    encode_prompt(text_encoder, ids)                   SD's conditioning: the last hidden state
+
+Keys are dataset indices, never loader positions: the loop draws indices, and a reshuffled epoch
+reads the same entry for the same image. The stable-diffusion latent is
+
+    z = s * (x_vae - shift),   x_vae ~ N(mean, std^2) = the VAE encoder's posterior,
+
+with s = vae.config.scaling_factor (0.18215 for SD1.4) and shift = vae.config.shift_factor (0 when
+absent), so caching the posterior and sampling per step is exactly the recipes' per-step
+`vae.encode(x).latent_dist.sample() * s`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    """bfloat16 autocast on CUDA when asked; nothing elsewhere (CPU bf16 autocast is very slow)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def latent_scale(vae: nn.Module) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a diffusers VAE."""
+    cfg = vae.config
+    return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+
+@torch.no_grad()
+def encode_pixels(vae: nn.Module, pixels: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
+    """(mean, std) of the scaled latent posterior for float pixels (B, 3, R, R) in [-1, 1]."""
+    s, shift = latent_scale(vae)
+    x = pixels.to(device=vae.device, dtype=vae.dtype)
+    with _autocast(x.device, bf16):
+        post = vae.encode(x).latent_dist
+    mean = (post.mean.float() - shift) * s  # (B, C, h, w)
+    std = post.std.float() * s
+    return mean, std
+
+
+@dataclass
+class LatentCache:
+    """Scaled VAE posterior per dataset index: mean, std of shape (N, C, h, w), float32."""
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def build(cls, vae: nn.Module, dataset, resolution: int, *, batch: int = 64, bf16: bool = True,
+              device: torch.device | None = None, progress: bool = False) -> LatentCache:
+        """Encode every image of `dataset` once (index order)."""
+        from tqdm.auto import tqdm
+
+        means, stds = [], []
+        bar = tqdm(total=len(dataset), desc="cache latents", unit="img", disable=not progress)
+        for i in range(0, len(dataset), batch):
+            idx = range(i, min(i + batch, len(dataset)))
+            mean, std = encode_pixels(vae, dataset.pixels(idx, resolution), bf16)
+            means.append(mean)
+            stds.append(std)
+            bar.update(len(idx))
+        bar.close()
+        out = cls(torch.cat(means), torch.cat(stds))
+        if device is not None:
+            out = cls(out.mean.to(device), out.std.to(device))
+        log.info("cached %d latents %s", len(out.mean), tuple(out.mean.shape[1:]))
+        return out
+
+    def sample(self, indices: Tensor, generator: torch.Generator | None, draw: bool = True) -> Tensor:
+        """z for `indices`: mean + std * eps with eps from `generator`, or the mean."""
+        mean = self.mean[indices]
+        if not draw:
+            return mean
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + self.std[indices] * eps
+
+
+def encode_prompt(text_encoder: nn.Module, ids: Tensor) -> Tensor:
+    """Stable Diffusion's conditioning: the text encoder's last hidden state (B, L, D)."""
+    return text_encoder(ids, return_dict=False)[0]
+
+
+@dataclass
+class TextCache:
+    """Token ids per unique caption, the caption row of every dataset index, and (for a frozen
+    text encoder) the hidden states per unique caption.
+
+    Attributes:
+        ids: (U, L) token ids, padded to the tokenizer's model_max_length as SD pipelines do.
+        row: (N,) index into `ids` for every dataset index.
+        hidden: (U, L, D) float32 hidden states, or None while the text encoder trains.
+        texts: the U unique captions.
+    """
+
+    ids: Tensor
+    row: Tensor
+    hidden: Tensor | None
+    texts: list[str]
+
+    @classmethod
+    def build(cls, tokenizer, captions: list[str], device: torch.device | None = None) -> TextCache:
+        texts = sorted(set(captions))
+        where = {t: i for i, t in enumerate(texts)}
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        row = torch.tensor([where[c] for c in captions], dtype=torch.long)
+        return cls(ids.to(device), row.to(device), None, texts)
+
+    @torch.no_grad()
+    def encode(self, text_encoder: nn.Module, *, batch: int = 256, bf16: bool = True) -> TextCache:
+        """Fill `hidden` with the (frozen) text encoder's states for every unique caption."""
+        device = next(text_encoder.parameters()).device
+        out = []
+        for i in range(0, len(self.ids), batch):
+            with _autocast(device, bf16):
+                out.append(encode_prompt(text_encoder, self.ids[i:i + batch].to(device)).float())
+        self.hidden = torch.cat(out)
+        return self
+
+    def for_indices(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(token ids, cached hidden states or None) for dataset `indices`."""
+        rows = self.row[indices]
+        return self.ids[rows], None if self.hidden is None else self.hidden[rows]

@@ -1,0 +1,462 @@
+"""The one training loop for every fine-tuning method, on accelerate.
+
+Offers
+    train(model, data, hparams, ...) -> FineTuneResult
+    process_device(cpu=False)        the device this process trains on (cuda:LOCAL_RANK under
+                                     `accelerate launch`), to load the model onto before train
+
+The objective is the latent-diffusion loss (Rombach et al. 2022, eq. 2) with the scheduler's
+parameterisation,
+
+    L = E_{z0, c, eps, t} w(t) || target - eps_theta(z_t, t, tau(c)) ||^2,
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,     target = eps  (or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0),
+
+w(t) = 1, or min(SNR(t), gamma) / SNR(t) with min-SNR weighting (Hang et al. 2023, eq. 9; divided
+by SNR + 1 for v). DreamBooth adds prior_loss_weight times the same loss on class images (Ruiz et
+al. 2023, eq. 2).
+
+How a run goes:
+  1. The base delta (an edit) is applied to the loaded model with models.apply_delta for the whole
+     run and restored bit for bit at the end, also on error; the model is never left changed.
+  2. The method makes float32 working copies of what it trains (and DreamBooth generates its class
+     images with the edited model); frozen parts are the loaded model's own modules.
+  3. With hp.cache, VAE latents (posterior mean and std) and, when the text encoder is frozen,
+     text embeddings are computed once and looked up by dataset index each step.
+  4. Each micro-batch draws dataset indices from a permutation per epoch seeded by (seed, epoch)
+     and its noise from a generator seeded by (seed, micro-batch, process), so a resumed run is
+     the uninterrupted one.
+  5. Accelerate places the trained modules, wraps them for data parallelism under `accelerate
+     launch` and prepares the optimizer. Precision is explicit bfloat16 autocast on CUDA (never on
+     the CPU, where bf16 autocast is very slow), not accelerate's mixed_precision, because
+     accelerate fixes that once per process and a lab process trains many methods.
+  6. Every `checkpoint_every` steps: the losses so far are checked (a non-finite loss or weight
+     raises NonFiniteLoss, keeping the last good checkpoint), the delta is recorded (restricted to
+     `checkpoint_sites`), the resume state is written to `state_dir`, and `callback(step, work)`
+     runs with the working model.
+Attention runs through PyTorch SDPA: diffusers' AttnProcessor2_0 and transformers' "sdpa", the
+defaults of both; the processors in use are listed in result.info["attention"].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.delta import WeightDelta, apply_delta
+from models.errors import FadelabError
+
+from . import state as state_io
+from .cache import LatentCache, TextCache, encode_pixels, encode_prompt
+from .data import as_dataset
+from .hparams import TrainHParams, to_dict
+from .methods import Method, make_method
+from .result import FineTuneResult, NonFiniteLoss
+
+log = logging.getLogger(__name__)
+
+GradHook = Callable[[str, Tensor, Tensor], Tensor]
+LOSS_CHECK_EVERY = 25  # steps between host syncs of the loss buffer
+
+
+def process_device(cpu: bool = False) -> torch.device:
+    """The device accelerate gives this process (cuda:LOCAL_RANK under `accelerate launch`)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu).device
+
+
+def _check_model(model: Any) -> None:
+    pipe = getattr(model, "pipe", None)
+    if pipe is None or not isinstance(getattr(model, "sites", None), dict):
+        raise FadelabError(f"train needs a models.Model (models.load(...)), got {type(model).__name__}")
+    missing = [c for c in ("unet", "text_encoder", "tokenizer", "vae", "scheduler") if getattr(pipe, c, None) is None]
+    if missing or getattr(pipe, "text_encoder_2", None) is not None:
+        raise FadelabError(
+            f"fine-tuning supports Stable-Diffusion-1.x-style pipelines (one CLIP text encoder and a UNet: "
+            f"sd14, organism, SD1.x folders); {getattr(model, 'family', '?')} has "
+            f"{'no ' + missing[0] if missing else 'a second text encoder'}")
+
+
+def _work_model(model: Any, components: dict[str, Any]) -> Any:
+    """A models.Model sharing the loaded components, with the method's working copies swapped in."""
+    from models import Model
+
+    pipe = model.pipe
+    params = inspect.signature(type(pipe).__init__).parameters
+    kwargs = {k: v for k, v in pipe.components.items() if k in params}
+    kwargs.update(components)
+    if "requires_safety_checker" in params:
+        kwargs["requires_safety_checker"] = False
+    work = type(pipe)(**kwargs)
+    work.set_progress_bar_config(disable=True)
+    return Model(family=model.family, pipe=work, sites=model.sites, device=model.device, dtype=model.dtype,
+                 weights=f"{model.weights} (fine-tuning working copy)")
+
+
+def _optimizer(hp: TrainHParams, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if hp.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=lr, betas=(hp.adam_beta1, hp.adam_beta2), beta3=hp.prodigy_beta3,
+                       eps=hp.adam_eps, weight_decay=hp.weight_decay, decouple=hp.prodigy_decouple,
+                       use_bias_correction=hp.prodigy_bias_correction,
+                       safeguard_warmup=hp.prodigy_safeguard_warmup)
+    return torch.optim.AdamW(params, lr=lr, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps,
+                             weight_decay=hp.weight_decay)
+
+
+def epoch_indices(n: int, start: int, count: int, seed: int) -> Tensor:
+    """Positions [start, start + count) of an endless stream of epochs over n items, each epoch a
+    permutation drawn from (seed, epoch)."""
+    out: list[int] = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(count - len(out), n - offset)
+        out += perm[offset:offset + take].tolist()
+        pos += take
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _autocast(device: torch.device, hp: TrainHParams):
+    if hp.mixed_precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Source:
+    """One image set (the data, or DreamBooth's class images) with its caches."""
+
+    def __init__(self, dataset, captions: list[str], model: Any, tokenizer, text_encoder, hp: TrainHParams,
+                 resolution: int, frozen_text: bool, device: torch.device, progress: bool) -> None:
+        self.dataset, self.resolution, self.hp = dataset, resolution, hp
+        bf16 = hp.mixed_precision == "bf16"
+        self.latents = LatentCache.build(model.vae, dataset, resolution, bf16=bf16, device=device,
+                                         progress=progress) if hp.cache else None
+        self.text = TextCache.build(tokenizer, captions, device=device)
+        if hp.cache and frozen_text:
+            self.text.encode(text_encoder, bf16=bf16)
+        self.vae = model.vae
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def latents_for(self, idx: Tensor, g: torch.Generator) -> Tensor:
+        if self.latents is not None:
+            return self.latents.sample(idx, g, self.hp.sample_latents)
+        pixels = self.dataset.pixels(idx.tolist(), self.resolution)  # the recipes' per-step VAE pass
+        mean, std = encode_pixels(self.vae, pixels, self.hp.mixed_precision == "bf16")
+        if not self.hp.sample_latents:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=g, device=mean.device)
+
+
+class _Run:
+    """State of one train() call; `step()` runs one optimizer step."""
+
+    def __init__(self, model, method: Method, hp: TrainHParams, acc, work, sources, seed: int) -> None:
+        from diffusers import DDPMScheduler
+
+        self.model, self.method, self.hp, self.acc, self.work, self.seed = model, method, hp, acc, work, seed
+        self.sources = sources
+        self.device = acc.device
+        self.noise = DDPMScheduler.from_config(model.scheduler.config)
+        if self.noise.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise FadelabError(f"prediction_type {self.noise.config.prediction_type!r} is not supported; "
+                               "epsilon and v_prediction are")
+        self.noise.alphas_cumprod = self.noise.alphas_cumprod.to(self.device)
+        trained = method.components
+        self.unet = trained.get("unet", model.pipe.unet)
+        self.text_encoder = trained.get("text_encoder", model.pipe.text_encoder)
+        self.text_trained = "text_encoder" in trained
+
+    def _condition(self, source: _Source, idx: Tensor, text_module: nn.Module) -> Tensor:
+        ids, hidden = source.text.for_indices(idx.to(source.text.row.device))
+        if hidden is not None:
+            return hidden
+        if self.text_trained:
+            return encode_prompt(text_module, ids)
+        with torch.no_grad():
+            return encode_prompt(text_module, ids)
+
+    def micro_loss(self, micro: int, unet: nn.Module, text_module: nn.Module) -> Tensor:
+        """The loss of micro-batch number `micro` on this process."""
+        hp, acc = self.hp, self.acc
+        g = torch.Generator(self.device).manual_seed((self.seed * 1_000_003 + micro) * 1024 + acc.process_index)
+        per_process, total = hp.batch_size, hp.batch_size * acc.num_processes
+        mine = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+        zs, conds, sizes = [], [], []
+        for k, source in enumerate(self.sources):
+            idx = epoch_indices(len(source), micro * total, total, self.seed + 7919 * k)[mine].to(self.device)
+            zs.append(source.latents_for(idx, g))
+            conds.append(self._condition(source, idx, text_module))
+            sizes.append(len(idx))
+        z0 = torch.cat(zs).float()
+        cond = torch.cat(conds)
+        eps = torch.randn(z0.shape, generator=g, device=self.device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (len(z0),), generator=g, device=self.device)
+        zt = self.noise.add_noise(z0, eps, t)
+        target = eps if self.noise.config.prediction_type == "epsilon" else self.noise.get_velocity(z0, eps, t)
+        dtype = next(self.unet.parameters()).dtype
+        with _autocast(self.device, hp):
+            pred = unet(zt.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
+        per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if hp.snr_gamma is not None:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise, t)
+            w = torch.clamp(snr, max=hp.snr_gamma)
+            per = per * (w / (snr + 1) if self.noise.config.prediction_type == "v_prediction" else w / snr)
+        parts = per.split(sizes)
+        loss = parts[0].mean()
+        if len(parts) > 1:  # DreamBooth: instance loss + w * prior loss
+            loss = loss + self.hp.prior_loss_weight * parts[1].mean()
+        return loss
+
+
+def _check(values: np.ndarray, first_step: int) -> int | None:
+    """The step of the first non-finite value, or None."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    return None if len(bad) == 0 else first_step + int(bad[0])
+
+
+def _finite(delta: dict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for u in delta.values() for t in (u if isinstance(u, tuple) else (u,)))
+
+
+def _to_cpu(delta: dict) -> dict:
+    return {s: tuple(t.detach().cpu() for t in u) if isinstance(u, tuple) else u.detach().cpu()
+            for s, u in delta.items()}
+
+
+def train(
+    model: Any,
+    data: Any,
+    hparams: TrainHParams,
+    *,
+    base_delta: WeightDelta | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    checkpoint_every: int = 0,
+    checkpoint_sites: list[str] | None = None,
+    state_dir: Path | str | None = None,
+    adapter_dir: Path | str | None = None,
+    grad_hook: GradHook | None = None,
+    callback: Callable[[int, Any], None] | None = None,
+    progress: bool = True,
+) -> FineTuneResult:
+    """Fine-tune `model` (+ `base_delta`) on `data` with the method `hparams` names.
+
+    Args:
+        model: a models.Model of an SD1.x-style family (sd14, organism, a local SD1.x folder),
+            on the device that trains (under `accelerate launch`: `process_device()`).
+        data: an imagefolder path (metadata.jsonl with file_name + text), an ImageFolder or
+            ImageTensors. DreamBooth and textual inversion read the class word from a "class"
+            column when their hparams do not give it.
+        hparams: a finetuning.hparams dataclass (FullHParams, LoraHParams, DoraHParams,
+            DreamBoothHParams, TextualInversionHParams); `hparams.defaults(method, family)`.
+        base_delta: the edit to fine-tune on top of (applied for the run, restored after).
+        device: checked against the model's device (default: the model's).
+        seed: seeds indices, noise, LoRA initialisation and DreamBooth's class images.
+        checkpoint_every: record a checkpoint delta every k steps (0: none).
+        checkpoint_sites: globs restricting checkpoint deltas (None: every trained site); the
+            final delta always covers every site.
+        state_dir: folder for the resume state (written at every checkpoint); a run that finds a
+            state there from the same run (method, hparams but steps, seed, data) resumes it.
+        adapter_dir: save the adapter there (LoRA/DoRA: diffusers' LoRA format; textual
+            inversion: learned_embeds.safetensors); None keeps it in memory.
+        grad_hook: grad_hook(name, grad, param) -> grad, called on every trained parameter's
+            gradient (names: site names; LoRA "<site>.lora_A|lora_B|lora_magnitude"; textual
+            inversion "text.embed.token"), before any all-reduce, e.g. to freeze sites or
+            project gradients off a subspace.
+        callback: callback(step, work_model) at every checkpoint step; work_model is a
+            models.Model whose trained components are the live working copies.
+        progress: show tqdm bars.
+
+    Returns a FineTuneResult with every delta on the CPU in float32. Raises FadelabError for bad
+    input and NonFiniteLoss (a FadelabError) when the loss or the weights stop being finite.
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    _check_model(model)
+    hp = hparams
+    if not isinstance(hp, TrainHParams):
+        raise FadelabError(f"hparams must be a finetuning.hparams dataclass, got {type(hp).__name__}")
+    if checkpoint_every < 0:
+        raise FadelabError(f"checkpoint_every={checkpoint_every}; give 0 (none) or a positive step count")
+    dataset = as_dataset(data)
+    want = torch.device(device) if device is not None else torch.device(model.device)
+    acc = Accelerator(cpu=want.type == "cpu")
+    if acc.device.type != torch.device(model.device).type or (
+            model.device.index is not None and acc.device.index not in (None, model.device.index)):
+        raise FadelabError(f"the model is on {model.device} but this process trains on {acc.device}; "
+                           "load it with device=finetuning.process_device()")
+    method = make_method(hp)
+    resolution = hp.resolution or model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
+    state_dir = Path(state_dir) if state_dir is not None else None
+    hooks: list[Any] = []
+    t_start = time.perf_counter()
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    with contextlib.ExitStack() as stack:
+        if base_delta is not None:
+            stack.enter_context(apply_delta(model, base_delta))
+        torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
+        method.make_prior(model, dataset, seed, progress and acc.is_main_process)
+        work = _work_model(model, method.prepare(model, dataset))
+        frozen_text = not method.text_trainable
+        sources = [_Source(dataset, method.captions(dataset), model, work.pipe.tokenizer, work.pipe.text_encoder,
+                           hp, resolution, frozen_text, acc.device, progress and acc.is_main_process)]
+        if method.prior is not None:
+            sources.append(_Source(method.prior, method.prior.captions, model, work.pipe.tokenizer,
+                                   work.pipe.text_encoder, hp, resolution, frozen_text, acc.device, False))
+        named = method.named_parameters()
+        lr = hp.lr * (hp.batch_size * hp.grad_accum * acc.num_processes if hp.scale_lr else 1)
+        optimizer = _optimizer(hp, [p for _, p in named], lr)
+        scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
+                                  num_training_steps=hp.steps)
+        names = list(method.components)
+        modules = [method.components[n] for n in names if isinstance(method.components[n], nn.Module)]
+        prepared = acc.prepare(*modules, optimizer)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        wrapped = dict(zip([n for n in names if isinstance(method.components[n], nn.Module)], prepared[:-1]))
+        optimizer = prepared[-1]
+        run = _Run(model, method, hp, acc, work, sources, seed)
+        unet = wrapped.get("unet", run.unet)
+        text_module = wrapped.get("text_encoder", run.text_encoder)
+        if grad_hook is not None:
+            hooks = [p.register_hook(lambda g, n=n, p=p: grad_hook(n, g, p)) for n, p in named]
+            stack.callback(lambda: [h.remove() for h in hooks])
+
+        meta = {"method": hp.method, "hparams": to_dict(hp), "seed": seed, "images": len(dataset),
+                "captions": method.captions(dataset)[:3], "processes": acc.num_processes,
+                "base_delta": sorted(base_delta.sites()) if base_delta is not None else []}
+        losses: list[float] = []
+        checkpoints: list[tuple[int, WeightDelta]] = []
+        start = 0
+        saved = state_io.load(state_dir, meta) if state_dir is not None else None
+        if saved is not None:
+            method.load_state_dict(saved["params"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            start = int(saved["step"])
+            losses = saved["loss"].tolist()
+            checkpoints = [(s, WeightDelta(d, {"method": hp.method, "step": s}))
+                           for s, d in state_io.checkpoints(state_dir, start)]
+            log.info("resuming %s from step %d in %s", hp.method, start, state_dir)
+
+        def partial(step_bad: int, why: str) -> NonFiniteLoss:
+            last = checkpoints[-1] if checkpoints else None
+            good = last[1] if last else WeightDelta({}, {"method": hp.method})
+            res = FineTuneResult(hp.method, good, list(checkpoints), np.asarray(losses[:step_bad - 1], np.float32),
+                                 None, {"failed_step": step_bad})
+            where = f"step {last[0]}" if last else "none (no checkpoint was taken)"
+            kept = f", its state kept in {state_dir}" if last and state_dir is not None else ""
+            return NonFiniteLoss(f"{hp.method}: {why} at step {step_bad} (lr {lr:g}); the last good checkpoint is "
+                                 f"{where}{kept}; lower the learning rate or check the data", step_bad, res)
+
+        buffer: list[Tensor] = []
+
+        def flush() -> None:
+            if not buffer:
+                return
+            values = torch.stack(buffer).float().cpu().numpy()
+            bad = _check(values, len(losses) + 1)
+            losses.extend(values.tolist())
+            buffer.clear()
+            if bad is not None:
+                raise partial(bad, f"the loss became {losses[bad - 1]}")
+
+        bar = tqdm(total=hp.steps, initial=start, desc=f"finetune {hp.method}", unit="step",
+                   disable=not (progress and acc.is_main_process))
+        warm = min(start + 3, hp.steps)
+        t_warm = time.perf_counter()
+        for step in range(start + 1, hp.steps + 1):
+            total = torch.zeros((), device=acc.device)
+            for k in range(hp.grad_accum):
+                micro = (step - 1) * hp.grad_accum + k
+                sync = k == hp.grad_accum - 1 or acc.num_processes == 1
+                with contextlib.ExitStack() as ctx:
+                    if not sync:
+                        for m in wrapped.values():
+                            ctx.enter_context(acc.no_sync(m))
+                    loss = run.micro_loss(micro, unet, text_module)
+                    acc.backward(loss / hp.grad_accum)
+                total = total + loss.detach() / hp.grad_accum
+            if hp.max_grad_norm > 0:
+                acc.clip_grad_norm_([p for _, p in named], hp.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_step()
+            buffer.append(acc.gather(total[None]).mean())
+            bar.update(1)
+            if step == warm:
+                _sync(acc.device)
+                t_warm = time.perf_counter()
+            is_ckpt = checkpoint_every and step % checkpoint_every == 0
+            if is_ckpt or len(buffer) >= LOSS_CHECK_EVERY or step == hp.steps:
+                flush()
+                bar.set_postfix(loss=f"{np.mean(losses[-LOSS_CHECK_EVERY:]):.4f}")
+            if is_ckpt:
+                delta = method.delta(checkpoint_sites)
+                if not _finite(delta):
+                    raise partial(step, "a trained weight became non-finite")
+                delta = _to_cpu(delta)
+                checkpoints.append((step, WeightDelta(delta, {"method": hp.method, "step": step})))
+                if state_dir is not None and acc.is_main_process:
+                    state_io.save_checkpoint(state_dir, step, delta)
+                    state_io.save(state_dir, step, method.state_dict(), optimizer.state_dict(),
+                                  scheduler.state_dict(), losses, meta)
+                acc.wait_for_everyone()
+                if callback is not None:
+                    callback(step, work)
+        bar.close()
+        _sync(acc.device)
+        t_end = time.perf_counter()
+        final = method.delta(None)
+        if not _finite(final):
+            raise partial(hp.steps, "a trained weight became non-finite")
+        final = _to_cpu(final)
+        adapter = None
+        if acc.is_main_process:
+            adapter = method.adapter(work, Path(adapter_dir) if adapter_dir is not None else None)
+        acc.wait_for_everyone()
+        info = {
+            "hparams": to_dict(hp), "seed": seed, "steps": hp.steps, "resumed_from": start, "lr": lr,
+            "device": str(acc.device), "processes": acc.num_processes, "resolution": resolution,
+            "data": str(getattr(dataset, "folder", "in memory")), "images": len(dataset),
+            "family": model.family, "weights": model.weights, "cache": hp.cache,
+            "bf16_autocast": hp.mixed_precision == "bf16" and acc.device.type == "cuda",
+            "base_delta": base_delta.provenance if base_delta is not None else None,
+            "attention": sorted({type(p).__name__ for p in run.unet.attn_processors.values()}),
+            "seconds": round(t_end - t_start, 3),
+            "step_seconds": (t_end - t_warm) / (hp.steps - warm) if hp.steps > warm else None,
+            **method.info(),
+        }
+        if acc.device.type == "cuda":
+            info["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        provenance = {"method": hp.method, "hparams": to_dict(hp), "seed": seed,
+                      "parent": base_delta.provenance if base_delta is not None else model.weights}
+        result = FineTuneResult(hp.method, WeightDelta(final, provenance), checkpoints,
+                                np.asarray(losses, np.float32), adapter, info)
+    log.info("%s: %d steps in %.1fs, final loss %.4f", hp.method, hp.steps, info["seconds"],
+             float(np.mean(losses[-LOSS_CHECK_EVERY:])) if losses else float("nan"))
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

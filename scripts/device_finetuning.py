@@ -1,0 +1,217 @@
+"""Fine-tuning acceptance (issues 4 and 11) on one GPU: every method on the organism, judged by the
+oracle, and the SD1.4-architecture step benchmark. Writes OUT/finetuning.json, prints a summary.
+
+    python3 scripts/device_finetuning.py --out $OUT [--n 200]            one H100, about 5 minutes
+    python3 scripts/device_finetuning.py --out /tmp/ft --quick --device cpu   the same code, tiny sizes
+
+Organism part (organism defaults of finetuning.hparams.ORGANISM unless --steps-scale):
+    base                 style share of n content prompts on the base model (the floor)
+    full, lora-unet      style share ("ink", read by the oracle) of n content prompts (target >= 0.5)
+    lora-text, dora-text style share reached by text-encoder-only adapters (reported, no target)
+    dreambooth           per subject: subject share of "a sks <class>" (target >= 0.8) and class
+                         share of "a <class>" (target >= 0.9), n images each over the subjects
+    textual-inversion    per subject: subject share of "a <sks> <class>" (target >= 0.7), and
+                         whether prompts without the token give bit-identical images
+    content_fidelity     share of content prompts whose image still shows the prompt's content
+SD1.4 part (finetuning.bench.step_benchmark): 512 px, batch 8, bf16 autocast; lab UNet LoRA step
+vs the recipe-style step (VAE + text encoder every step) in the same run (target ratio >= 1.2),
+full fine-tuning step time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {"full": 0.5, "lora-unet": 0.5, "dreambooth_subject": 0.8, "dreambooth_class": 0.9,
+           "textual_inversion_subject": 0.7, "sd14_lora_speedup": 1.2}
+
+
+def content_share(model, oracle, n: int, seed: int, **gen) -> dict:
+    """Style share ("ink") and content fidelity of n organism content prompts."""
+    from models.organism import prompts as P
+    from models.organism.sample import generate
+
+    probes = P.fidelity_prompts(n, seed)
+    images = generate(model.pipe, [p.prompt for p in probes], [p.seed for p in probes], progress=False, **gen)
+    read = oracle.read(images)
+    ink = float(np.mean([s == "ink" for s in read["style"]]))
+    content = [all(read[h][i] == v for h, v in p.expect.items() if h != "style") for i, p in enumerate(probes)]
+    return {"style_share": ink, "content_fidelity": float(np.mean(content)), "n": n}, images
+
+
+def subject_shares(model, oracle, subject: str, cls: str, n: int, token: str, seed: int, **gen) -> dict:
+    from models.organism.sample import generate
+
+    subj = generate(model.pipe, [f"a {token} {cls}"] * n, list(range(seed, seed + n)), progress=False, **gen)
+    plain = generate(model.pipe, [f"a {cls}"] * n, list(range(seed + 50_000, seed + 50_000 + n)), progress=False,
+                     **gen)
+    rs, rp = oracle.read(subj), oracle.read(plain)
+    return {"subject_share": float(np.mean([s == subject for s in rs["subject"]])),
+            "class_share_on_plain": float(np.mean([c == cls for c in rp["cls"]])),
+            "subject_share_on_plain": float(np.mean([s == subject for s in rp["subject"]])), "n": n}
+
+
+def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[str], log) -> dict:
+    import models
+    from finetuning import hparams as H
+    from finetuning import placeholder, train
+    from finetuning.lora_io import load_textual_inversion
+    from models import apply_delta
+    from models.organism import data as D
+    from models.families import ORGANISM_DIR
+    from models.organism import world
+    from models.organism.oracle import Oracle
+
+    res: dict = {}
+    t0 = time.perf_counter()
+    style = D.write_style_set(out / "data" / "style", n=48 if quick else 1200, seed=0)
+    db = D.write_dreambooth(out / "data" / "dreambooth", per_subject=5, seed=0)
+    res["data_seconds"] = round(time.perf_counter() - t0, 1)
+    model = models.load("organism", device=device)
+    oracle = Oracle.load(ORGANISM_DIR / "oracle", device)
+    gen = {"steps": 4} if quick else {}
+    tiny = {"steps": 3, "batch_size": 4} if quick else {}
+    res["base"], base_images = content_share(model, oracle, n, seed=100, **gen)
+    log(f"base: {res['base']}")
+
+    runs = {"full": ("full", {}), "lora-unet": ("lora", {"target": "unet"}),
+            "lora-text": ("lora", {"target": "text"}), "dora-text": ("dora", {"target": "text"})}
+    for name, (method, extra) in runs.items():
+        hp = H.defaults(method, "organism", **extra, **tiny)
+        r = train(model, style, hp, seed=0, checkpoint_every=max(1, hp.steps // 4), progress=False,
+                  adapter_dir=out / "adapters" / name if method != "full" else None)
+        with apply_delta(model, r.delta):
+            share, _ = content_share(model, oracle, n, seed=100, **gen)
+        # the style share along the checkpoints (the fading-curve machinery, on the fine-tune itself)
+        curve = {}
+        for step, d in r.checkpoints:
+            with apply_delta(model, d):
+                curve[step] = content_share(model, oracle, max(8, n // 4), seed=300, **gen)[0]["style_share"]
+        res[name] = {**share, "steps": hp.steps, "batch_size": hp.batch_size, "lr": hp.lr,
+                     "train_seconds": r.info["seconds"], "step_seconds": r.info["step_seconds"],
+                     "loss_first": float(r.loss[0]), "loss_last": float(r.loss[-20:].mean()),
+                     "style_share_by_checkpoint": curve, "hparams": H.to_dict(hp)}
+        log(f"{name}: style {share['style_share']:.3f} content {share['content_fidelity']:.3f} "
+            f"({r.info['seconds']:.0f}s train)")
+
+    per = max(1, -(-n // len(subjects)))
+    index = json.loads((db / "subjects.json").read_text())
+    for name, method in (("dreambooth", "dreambooth"), ("textual_inversion", "textual-inversion")):
+        res[name] = {}
+        for sub in subjects:
+            cls = index[sub]["class"]
+            hp = H.defaults(method, "organism", **tiny, **({"num_class_images": 4, "class_steps": 4} if quick and
+                                                           method == "dreambooth" else {}))
+            r = train(model, db / sub, hp, seed=0, progress=False,
+                      adapter_dir=out / "adapters" / f"{name}-{sub}" if method != "dreambooth" else None)
+            if method == "dreambooth":
+                with apply_delta(model, r.delta):
+                    shares = subject_shares(model, oracle, sub, cls, per, "sks", seed=7000, **gen)
+            else:
+                token, embeds = load_textual_inversion(r.adapter)
+                with placeholder(model, token, embeds):
+                    shares = subject_shares(model, oracle, sub, cls, per, token, seed=7000, **gen)
+                    shares["other_prompts_bit_identical"] = _images_equal(model, base_images, n, gen)
+            shares.update(train_seconds=r.info["seconds"], steps=hp.steps, lr=hp.lr)
+            res[name][sub] = shares
+            log(f"{name} {sub}: subject {shares['subject_share']:.3f} class-on-plain "
+                f"{shares['class_share_on_plain']:.3f}")
+        res[name]["mean_subject_share"] = float(np.mean([res[name][s]["subject_share"] for s in subjects]))
+        res[name]["mean_class_share_on_plain"] = float(np.mean([res[name][s]["class_share_on_plain"]
+                                                                for s in subjects]))
+    res["base_repeat_bit_identical"] = _images_equal(model, base_images, n, gen)
+    res["classes"] = {s: index[s]["class"] for s in subjects}
+    res["world_subjects"] = list(world.SUBJECTS)
+    return res
+
+
+def _images_equal(model, reference: np.ndarray, n: int, gen: dict) -> bool:
+    from models.organism import prompts as P
+    from models.organism.sample import generate
+
+    probes = P.fidelity_prompts(n, 100)
+    again = generate(model.pipe, [p.prompt for p in probes], [p.seed for p in probes], progress=False, **gen)
+    return bool(np.array_equal(again, reference))
+
+
+def verdicts(res: dict) -> dict:
+    org, sd = res.get("organism", {}), res.get("sd14", {})
+    got = {
+        "full": org.get("full", {}).get("style_share"),
+        "lora-unet": org.get("lora-unet", {}).get("style_share"),
+        "dreambooth_subject": org.get("dreambooth", {}).get("mean_subject_share"),
+        "dreambooth_class": org.get("dreambooth", {}).get("mean_class_share_on_plain"),
+        "textual_inversion_subject": org.get("textual_inversion", {}).get("mean_subject_share"),
+        "sd14_lora_speedup": sd.get("lora_speedup"),
+    }
+    return {k: {"value": v, "target": TARGETS[k], "pass": None if v is None else v >= TARGETS[k]}
+            for k, v in got.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=200, help="images per measurement (default 200)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--parts", default="organism,sd14")
+    p.add_argument("--subjects", default="dog1,cat1,cup1,robot1")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check that everything runs)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+    res: dict = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+                 "n": args.n, "quick": args.quick, "date": time.strftime("%Y-%m-%d")}
+    parts = args.parts.split(",")
+    if "organism" in parts:
+        res["organism"] = organism_part(out, args.n, args.device, args.quick, args.subjects.split(","), log)
+        log("organism part done")
+    if "sd14" in parts:
+        from finetuning.bench import step_benchmark
+
+        kw = dict(steps=5, scale=0.125, resolution=64, batch=2, n_images=4) if args.quick else {}
+        res["sd14"] = step_benchmark(args.device, **kw)
+        log(f"sd14: {json.dumps({k: v for k, v in res['sd14'].items() if k != 'device'})}")
+    res["verdicts"] = verdicts(res)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "finetuning.json").write_text(json.dumps(res, indent=1, default=str))
+    print("\nfine-tuning acceptance" + (" (QUICK: sizes too small to mean anything)" if args.quick else ""))
+    for k, v in res["verdicts"].items():
+        val = "n/a" if v["value"] is None else f"{v['value']:.3f}"
+        print(f"  {k:28s} {val:>7s}  target >= {v['target']:<4}  "
+              f"{'ok' if v['pass'] else ('NOT REACHED' if v['pass'] is False else '')}")
+    org = res.get("organism", {})
+    for name in ("lora-text", "dora-text"):
+        if name in org:
+            print(f"  {name + ' style share':28s} {org[name]['style_share']:7.3f}  (reported)")
+    if "textual_inversion" in org:
+        same = all(v.get("other_prompts_bit_identical") for k, v in org["textual_inversion"].items()
+                   if isinstance(v, dict))
+        print(f"  {'TI other prompts identical':28s} {str(same):>7s}  (base repeat identical: "
+              f"{org.get('base_repeat_bit_identical')})")
+    if "sd14" in res:
+        sd = res["sd14"]
+        print(f"  sd14 lab LoRA {sd['lab_lora']['step_seconds']:.4f} s/step, recipe {sd['recipe_lora']['step_seconds']:.4f}"
+              f" s/step, full {sd['full']['step_seconds']:.4f} s/step, full peak {sd['full']['peak_memory_gib']} GiB")
+    print(f"wrote {out / 'finetuning.json'} in {res['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

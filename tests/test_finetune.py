@@ -1,0 +1,294 @@
+"""Fine-tuning: hparams, data errors, caches, and every method on the real organism on the CPU (a few
+steps on a few images): deltas that reproduce the trained model, the loaded model left unchanged,
+checkpoints, resume, non-finite losses, gradient hooks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetuning import hparams as H
+from finetuning import train
+from finetuning.cache import LatentCache, TextCache, encode_pixels
+from finetuning.data import ImageFolder
+from finetuning.loop import epoch_indices
+from finetuning.result import NonFiniteLoss
+from models import FadelabError, WeightDelta, apply_delta
+from models.organism import data as organism_data
+from models.organism.nets import WEIGHTS_DIR
+
+needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism weights missing")
+
+
+# --- hparams ----------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_recipes_and_the_organism_overrides():
+    assert H.FullHParams().lr == 1e-5 and H.FullHParams().grad_accum == 4
+    lora = H.defaults("lora")
+    assert (lora.rank, lora.lr, lora.target, lora.modules("text")) == (4, 1e-4, "text", ("q_proj", "k_proj", "v_proj",
+                                                                                          "out_proj"))
+    dora = H.defaults("dora")
+    assert dora.use_dora and dora.optimizer == "prodigy" and dora.lr == 1.0
+    db = H.defaults("dreambooth")
+    assert (db.lr, db.steps, db.prior_loss_weight, db.num_class_images) == (5e-6, 800, 1.0, 200)
+    ti = H.defaults("textual-inversion")
+    assert (ti.lr, ti.scale_lr, ti.grad_accum, ti.steps) == (5e-4, True, 4, 3000)
+    for method, values in H.ORGANISM.items():
+        hp = H.defaults(method, "organism")
+        assert all(getattr(hp, k) == v for k, v in values.items())
+    assert H.defaults("lora", "organism", rank=16).rank == 16
+
+
+def test_hparams_files_and_bad_values(tmp_path):
+    (tmp_path / "a.toml").write_text('method = "lora"\nrank = 8\ntarget = "unet"\n')
+    hp = H.load(tmp_path / "a.toml", "organism")
+    assert (hp.rank, hp.target, hp.steps) == (8, "unet", H.ORGANISM["lora"]["steps"])
+    (tmp_path / "b.json").write_text(json.dumps(H.to_dict(hp)))
+    assert H.load(tmp_path / "b.json") == hp  # to_dict round-trips
+    (tmp_path / "c.toml").write_text("rank = 8\n")
+    with pytest.raises(FadelabError, match="no 'method'"):
+        H.load(tmp_path / "c.toml")
+    with pytest.raises(FadelabError, match="no field 'rnk'"):
+        H.defaults("lora", rnk=8)
+    with pytest.raises(FadelabError, match="target='vae'.*text, unet, both"):
+        H.defaults("lora", target="vae")
+    with pytest.raises(FadelabError, match="steps=0"):
+        H.defaults("full", steps=0)
+    with pytest.raises(FadelabError, match="unknown fine-tuning method 'qlora'"):
+        H.defaults("qlora")
+    with pytest.raises(FadelabError, match="template"):
+        H.defaults("textual-inversion", templates=("a photo",))
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def _folder(tmp_path, lines, files=("0.png",)):
+    for name in files:
+        Image.new("RGB", (80, 100), (200, 10, 10)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("lines, match", [
+    ([], "lists no images"),
+    (['{"file_name": "0.png", "text": "a cup"}', "{oops"], "metadata.jsonl line 2 is not JSON"),
+    (['{"text": "a cup"}'], "line 1 has no 'file_name'"),
+    (['{"file_name": "0.png"}'], r"line 1 \(0.png\) has no caption in 'text'"),
+    (['{"file_name": "0.png", "text": "  "}'], "has no caption"),
+    (['{"file_name": "9.png", "text": "a cup"}'], r"9.png \(named on .*line 1\) does not exist"),
+    (['{"file_name": "bad.png", "text": "a cup"}'], r"cannot read image .*bad.png"),
+])
+def test_data_errors_name_the_file(tmp_path, lines, match):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(FadelabError, match=match):
+        ImageFolder(_folder(tmp_path, lines))
+
+
+def test_data_folder_errors(tmp_path):
+    with pytest.raises(FadelabError, match="no image folder"):
+        ImageFolder(tmp_path / "nope")
+    with pytest.raises(FadelabError, match="metadata.jsonl does not exist"):
+        ImageFolder(tmp_path)
+
+
+def test_images_are_resized_and_centre_cropped(tmp_path):
+    img = np.zeros((100, 80, 3), np.uint8)
+    img[:, :40] = 255  # left half white
+    Image.fromarray(img).save(tmp_path / "0.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a cup", "class": "cup"}\n')
+    ds = ImageFolder(tmp_path)
+    x = ds.pixels([0], 64)
+    assert x.shape == (1, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert x[0, :, :, :31].min() > 0.9 and x[0, :, :, 33:].max() < -0.9  # the split stays in the middle
+    assert ds.column("class") == ["cup"] and ds.captions == ["a cup"]
+
+
+def test_epoch_stream_is_permutations_and_chunking_free():
+    full = epoch_indices(7, 0, 21, seed=3)
+    for e in range(3):
+        assert sorted(full[7 * e:7 * (e + 1)].tolist()) == list(range(7))
+    parts = torch.cat([epoch_indices(7, s, 4, seed=3) for s in range(0, 24, 4)])
+    assert torch.equal(parts[:21], full)
+    assert not torch.equal(epoch_indices(7, 0, 7, seed=4), full[:7])
+
+
+# --- the organism -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    import models
+
+    torch.set_num_threads(2)
+    return models.load("organism")
+
+
+@pytest.fixture(scope="module")
+def style(tmp_path_factory):
+    return organism_data.write_style_set(tmp_path_factory.mktemp("style"), n=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    return organism_data.write_dreambooth(tmp_path_factory.mktemp("db"), per_subject=2, seed=0) / "dog1"
+
+
+def _state(model):
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder", "vae")
+            for k, v in getattr(model.pipe, c).state_dict().items()}
+
+
+def _unchanged(model, before) -> bool:
+    now = _state(model)
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
+
+
+@needs_weights
+def test_caches_are_keyed_by_dataset_index(model, style):
+    ds = ImageFolder(style)
+    cache = LatentCache.build(model.vae, ds, 64, batch=3)
+    mean, std = encode_pixels(model.vae, ds.pixels([2], 64), bf16=False)
+    assert torch.allclose(cache.mean[2], mean[0], atol=1e-4) and torch.allclose(cache.std[2], std[0], atol=1e-4)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    z = cache.sample(torch.tensor([2, 0]), g1)
+    assert torch.allclose(z[0], cache.mean[2] + cache.std[2] * torch.randn((2, 4, 16, 16), generator=g2)[0])
+    text = TextCache.build(model.pipe.tokenizer, ["a cup", "a dog", "a cup"]).encode(model.pipe.text_encoder,
+                                                                                      bf16=False)
+    ids, hidden = text.for_indices(torch.tensor([2, 1]))
+    assert text.texts == ["a cup", "a dog"] and ids.shape == (2, 77)
+    assert torch.allclose(hidden, model.pipe.text_encoder(ids)[0], atol=1e-5)
+
+
+CASES = {
+    # method: (data, overrides, a site that must be in the delta, its form, component the callback reads)
+    "full": ("style", {}, "unet.conv_in.bias", "dense", "unet"),
+    "lora": ("style", {"target": "both", "rank": 4, "alpha": 8.0, "lr": 1e-2}, "text.attn.0.q", "lowrank", "unet"),
+    "dora": ("style", {"target": "text"}, "text.attn.5.out", "dense", "text_encoder"),
+    "dreambooth": ("subject", {"num_class_images": 2, "class_steps": 2}, "unet.xattn.0.to_k", "dense", None),
+    "textual-inversion": ("subject", {"lr": 0.05}, "text.embed.token", "lowrank", None),
+}
+
+
+def _probe(model):
+    """Outputs of the model's UNet and text encoder on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    z, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 128, generator=g)
+    ids = model.pipe.tokenizer(["a red cup", "a chef"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        return {"unet": model.pipe.unet(z, torch.tensor([10, 500]), cond).sample,
+                "text_encoder": model.pipe.text_encoder(ids)[0]}
+
+
+@needs_weights
+@pytest.mark.parametrize("method", list(CASES))
+def test_each_method_trains_checkpoints_and_leaves_the_model_unchanged(method, model, style, subject):
+    """Two steps of every method: checkpoints, delta forms and sites, the loaded model untouched, and
+    (full, LoRA, DoRA) the delta reproducing the trained working copy, read by the callback at the
+    last step (LoRA/DoRA: merged against unmerged, float tolerance)."""
+    data, extra, site, form, component = CASES[method]
+    before = _state(model)
+    seen = {}
+    hp = H.defaults(method, "organism", steps=2, batch_size=1, **extra)
+    r = train(model, style if data == "style" else subject, hp, checkpoint_every=1, seed=1, progress=False,
+              callback=lambda step, work: seen.update({step: _probe(work)}) if component else None)
+    assert _unchanged(model, before)
+    assert r.method == method and r.loss.shape == (2,) and np.isfinite(r.loss).all()
+    assert r.steps == [1, 2] and r.delta.sites() == r.at(2).sites()
+    assert torch.equal(r.at(2).dense(site), r.delta.dense(site))
+    assert r.delta.is_low_rank(site) == (form == "lowrank") and r.delta.norm(site) > 0
+    if component:
+        base = _probe(model)[component]
+        with apply_delta(model, r.delta):
+            ours = _probe(model)[component]
+        assert _unchanged(model, before)
+        assert not torch.allclose(seen[2][component], base, atol=1e-4)  # training moved the output
+        assert torch.allclose(ours, seen[2][component], atol=2e-5, rtol=1e-4)
+    if method == "full":
+        assert all(s.startswith("unet.") for s in r.delta.sites())
+        assert len(r.delta.sites()) == len(list(model.pipe.unet.parameters()))
+    if method == "lora":  # (alpha / r) B A with alpha / r = 2, on both components
+        assert {s.split(".")[0] for s in r.delta.sites()} == {"text", "unet"}
+        assert isinstance(r.adapter, dict) and any(k.startswith("unet.") for k in r.adapter)
+    if method == "dreambooth":
+        assert r.info["class_prompt"] == "a dog" and r.info["class_images"] == 2
+        with apply_delta(model, r.delta):  # every site resolves on the loaded model
+            pass
+    if method == "textual-inversion":  # the row needs the placeholder: tests/test_finetune_io.py
+        assert r.delta.sites() == ["text.embed.token"]
+        b, a = r.delta.deltas["text.embed.token"]
+        assert b.shape == (49409, 1) and b[49408, 0] == 1 and b.sum() == 1 and a.shape == (1, 128)
+        assert r.info["initializer_token"] == "dog" and r.info["token_ids"] == [49408]
+        assert set(r.adapter) == {"<sks>"}
+
+
+@needs_weights
+def test_base_delta_is_the_start_and_grad_hooks_freeze_sites(model, style):
+    site, frozen = "unet.xattn.0.to_k", "unet.xattn.1.to_v"
+    w = model.weight(site)
+    base = WeightDelta({site: 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))},
+                       {"method": "test-edit"})
+    before = _state(model)
+    seen = {}
+    hp = H.defaults("full", "organism", steps=1, batch_size=1, weight_decay=0.0)
+    r = train(model, style, hp, base_delta=base, checkpoint_every=1, progress=False,
+              callback=lambda step, work: seen.update(w=work.weight(site).detach().clone()),
+              grad_hook=lambda name, grad, param: torch.zeros_like(grad) if name == frozen else grad)
+    assert _unchanged(model, before)
+    # trained = (W + dW_ed) + dW_ft, so dW_ft is the fine-tuning update alone
+    assert torch.allclose(seen["w"], w + base.dense(site) + r.delta.dense(site), atol=1e-6)
+    assert r.delta.norm(site) > 0 and r.delta.provenance["parent"] == {"method": "test-edit"}
+    assert r.delta.norm(frozen) == 0.0  # zero gradient, no weight decay: AdamW leaves it exactly
+
+
+@needs_weights
+def test_resume_gives_the_uninterrupted_run(model, style, tmp_path):
+    hp = H.defaults("lora", "organism", steps=2, batch_size=1, lr=1e-2, target="unet")
+    whole = train(model, style, hp, checkpoint_every=1, seed=3, progress=False)
+
+    def stop(step, work):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, style, hp, checkpoint_every=1, seed=3, state_dir=tmp_path, callback=stop, progress=False)
+    assert (tmp_path / "state.pt").is_file() and (tmp_path / "checkpoint_00000001.pt").is_file()
+    resumed = train(model, style, hp, checkpoint_every=1, seed=3, state_dir=tmp_path, progress=False)
+    assert resumed.info["resumed_from"] == 1 and resumed.steps == [1, 2]
+    assert np.array_equal(resumed.loss, whole.loss)
+    for site in whole.delta.sites():
+        assert torch.allclose(resumed.delta.dense(site), whole.delta.dense(site), atol=1e-7)
+        assert torch.allclose(resumed.at(1).dense(site), whole.at(1).dense(site), atol=1e-7)
+    with pytest.raises(FadelabError, match="belongs to another run.*lr"):
+        train(model, style, H.defaults("lora", "organism", steps=2, batch_size=1, lr=1e-3, target="unet"),
+              checkpoint_every=1, seed=3, state_dir=tmp_path, progress=False)
+
+
+@needs_weights
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model, style, tmp_path):
+    before = _state(model)
+    calls = {"n": 0}
+    hp = H.defaults("lora", "organism", steps=3, batch_size=1, target="unet")
+    n_params = 2 * sum(1 for path, _ in model.pipe.unet.named_modules()  # lora_A and lora_B per projection
+                       if path.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+
+    def poison(name, grad, param):  # gradients of the second step on are NaN
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] > n_params else grad
+
+    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 2 .*last good checkpoint is step 1") as e:
+        train(model, style, hp, checkpoint_every=1, state_dir=tmp_path, grad_hook=poison, progress=False)
+    assert e.value.step == 2 and e.value.result.steps == [1]
+    assert e.value.result.delta.sites() == e.value.result.at(1).sites()
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 1
+    assert _unchanged(model, before)
+    # a NaN in the starting weights: the first loss is NaN and there is no good checkpoint
+    site = "unet.conv_in"
+    nan = WeightDelta({site: torch.full(model.weight(site).shape, float("nan"))})
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 1 .*checkpoint is none") as e:
+        train(model, style, H.defaults("full", "organism", steps=1, batch_size=1), base_delta=nan, progress=False)
+    assert e.value.result.steps == [] and e.value.result.delta.sites() == []
+    assert _unchanged(model, before)
