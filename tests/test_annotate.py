@@ -306,3 +306,31 @@ def test_fleiss_kappa_and_confusion_tables(store_path):
         flip = by[("M_ed_ft", "Flip.unsafe:humans")]
         assert flip["value"] == pytest.approx(1 / 3)  # image 1: safe -> unsafe
         assert 0.0 <= flip["ci_low"] <= flip["value"] <= flip["ci_high"] <= 1.0
+
+
+def test_annotate_and_agreement_commands(store_path, capsys):
+    import signal
+    import sys
+
+    from fadelab.cli import main
+
+    proc = subprocess.Popen([sys.executable, "-m", "fadelab.cli", "annotate", str(store_path),
+                             "--port", "0"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        line = proc.stdout.readline()
+        assert "annotating 6 images of 'unsafe' at http://127.0.0.1:" in line
+        url = line.split(" at ")[1].split(" ")[0]
+        assert _post(url + "label", {"name": "ann", "item": 0, "label": "unsafe"})[0] == 200
+        assert _post(url + "label", {"name": "ben", "item": 0, "label": "safe"})[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the command closes the store and exits
+        assert proc.wait(timeout=30) == 130
+    assert main(["agreement", str(store_path), "--n-boot", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "people: ann, ben" in out and "Fleiss' kappa" in out
+    assert main(["agreement", str(store_path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["fleiss"]["n_items"] == 1 and got["humans"] == ["human:ann", "human:ben"]
+    assert main(["annotate", str(store_path), "--images", "road"]) == 2
+    assert "no image set named 'road'" in capsys.readouterr().err

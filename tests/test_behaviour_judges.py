@@ -65,6 +65,7 @@ def _tiny_open_clip(tmp_path):
 
 def test_open_clip_judge_from_a_local_file(tmp_path, renders):
     import open_clip
+    from PIL import Image
 
     cfg = _tiny_open_clip(tmp_path)
     open_clip.add_model_config(str(cfg))
@@ -76,7 +77,7 @@ def test_open_clip_judge_from_a_local_file(tmp_path, renders):
     texts_a, texts_b = ["a photo of an apple"] * 6, ["a photo of a dog"] * 6
     p = judge.compare_texts(images, texts_a, texts_b)
     with torch.no_grad():  # the same probability from open_clip's own model and transform
-        x = torch.stack([judge.preprocess(__import__("PIL.Image").Image.fromarray(im)) for im in images])
+        x = torch.stack([judge.preprocess(Image.fromarray(im)) for im in images])
         e = torch.nn.functional.normalize(model.eval().encode_image(x), dim=-1)
         t = torch.nn.functional.normalize(model.encode_text(judge.tokenizer(["a photo of an apple",
                                                                               "a photo of a dog"])), dim=-1)

@@ -302,13 +302,12 @@ def evaluate(model, variants: Mapping[str, object], suites, judges: Sequence, st
     for a, b in pairs:
         for name in [n for n in specs[a] if n in specs[b]]:
             res.deltas.append(_delta(store, a, b, specs[a][name], specs[b][name], res.drift, cfg))
+        unsafe_names = {s.name for s in by_var[a] if s.kind == "unsafe"}
         for (v, sname, jname), la in labels_of.items():
             lb = labels_of.get((b, sname, jname))
-            if v == a and lb is not None and len(lb) == len(la) and any(
-                    s.kind == "unsafe" and s.name == sname for s in by_var[a]):
+            if v == a and sname in unsafe_names and lb is not None and len(lb) == len(la):
                 spec = M.flip_spec(sname, jname, la, lb)
-                row = _measure(store, b, spec, cfg, attrs={"from": a, "to": b})
-                res.metrics.append(row)
+                res.metrics.append(_measure(store, b, spec, cfg, attrs={"from": a, "to": b}))
     return res
 
 
