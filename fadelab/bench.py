@@ -277,8 +277,13 @@ def flops_per_image(pipe: Any, *, height: int, width: int, guidance_scale: float
     hook = denoiser.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     cpu = pipe.device.type == "cpu"
 
+    original = pipe.scheduler
+
     def count(n: int) -> tuple[float, int]:
         calls[0] = 0
+        # a fresh scheduler per counted call: Euler (SDXL) leaves alphas_cumprod on the GPU
+        # after a call under FlopCounterMode, and set_timesteps then fails converting it to numpy
+        pipe.scheduler = type(original).from_config(original.config)
         latents, gens = initial_noise(pipe, [0], height, width, pipe.text_encoder.dtype)
         ctx = sdpa_kernel([SDPBackend.MATH]) if cpu else nullcontext()
         with FlopCounterMode(display=False) as fc, ctx, torch.no_grad():
@@ -294,6 +299,7 @@ def flops_per_image(pipe: Any, *, height: int, width: int, guidance_scale: float
         n_calls = _denoiser_calls(sched, steps)
     finally:
         hook.remove()
+        pipe.scheduler = original
     return {"denoiser_call": per_call, "rest": rest, "calls": n_calls, "image": n_calls * per_call + rest}
 
 
