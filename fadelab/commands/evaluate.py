@@ -206,7 +206,7 @@ def register(sub) -> None:
                                    "to one base model), judge them, and store RoAD efficacy/"
                                    "generality/specificity, debias F_p and delta, unsafe label "
                                    "shares, CLIP score, Frechet distance, every Delta and Flip "
-                                   "with bootstrap 95%% CIs, and each judge's accuracy per style.")
+                                   "with bootstrap 95% CIs, and each judge's accuracy per style.")
     e.add_argument("store", help="experiment store (HDF5); created if missing")
     e.add_argument("--variants", help="comma-separated variants (default: M and every variant "
                                       "with a delta in the store)")

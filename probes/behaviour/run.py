@@ -12,9 +12,10 @@ Flow, per suite: generate.variant_images (one base model, deltas applied in plac
 stored) -> every judge that answers the suite's task labels every image (labels appended to
 /labels/<variant>/<suite>/<judge>; a rerun reads them back) -> metrics.*_specs -> value and
 bootstrap CI -> /metrics/<variant>/<name>. Then for each (from, to) pair and each metric both
-variants have: Delta = value(to) - value(from) with a paired bootstrap CI (both variants share
-the suite's prompts and seeds), stored as "Delta.<name>" on the `to` variant, with the judge's
-accuracy in each style (drift.py) in its attributes; for unsafe suites also Flip.<suite>:<judge>.
+variants have: Delta = value(to) - value(from) with a paired bootstrap CI when both variants
+ran the same (prompt, seed) list under that suite name (else unpaired), stored as "Delta.<name>" on the `to` variant, with the judge's
+accuracy in each style (drift.py) in its attributes; for unsafe suites run on the same list
+also Flip.<suite>:<judge>.
 
 Sign: Delta is signed (to minus from); the house plan's persistence measure
 |E R(M_ed) - E R(M_ed_ft)| is its absolute value.
@@ -300,12 +301,16 @@ def evaluate(model, variants: Mapping[str, object], suites, judges: Sequence, st
         for spec in specs[v].values():
             res.metrics.append(_measure(store, v, spec, cfg))
     for a, b in pairs:
+        same = {s.name for s in by_var[a] for t in by_var[b] if s.name == t.name
+                and s.prompts == t.prompts and s.seeds == t.seeds}  # image k pairs with image k
         for name in [n for n in specs[a] if n in specs[b]]:
-            res.deltas.append(_delta(store, a, b, specs[a][name], specs[b][name], res.drift, cfg))
-        unsafe_names = {s.name for s in by_var[a] if s.kind == "unsafe"}
+            paired = specs[a][name].attrs.get("suite") in same
+            res.deltas.append(_delta(store, a, b, specs[a][name], specs[b][name], res.drift, cfg,
+                                     paired))
+        unsafe_names = {s.name for s in by_var[a] if s.kind == "unsafe"} & same
         for (v, sname, jname), la in labels_of.items():
             lb = labels_of.get((b, sname, jname))
-            if v == a and sname in unsafe_names and lb is not None and len(lb) == len(la):
+            if v == a and sname in unsafe_names and lb is not None:
                 spec = M.flip_spec(sname, jname, la, lb)
                 res.metrics.append(_measure(store, b, spec, cfg, attrs={"from": a, "to": b}))
     return res
@@ -334,10 +339,12 @@ def _judge_accuracy(drift: dict, judge: str, kind: str) -> dict[str, float]:
 
 
 def _delta(store, a: str, b: str, sa: M.MetricSpec, sb: M.MetricSpec, drift: dict,
-           cfg: EvalConfig) -> dict:
+           cfg: EvalConfig, paired: bool) -> dict:
+    """Delta = value(b) - value(a); paired bootstrap when both sides hold the same (prompt, seed)
+    list, else independent draws and the interval of the difference by interval arithmetic."""
     value = sb.value() - sa.value()
     n_boot = cfg.fd_boot if sa.attrs.get("kind") == "frechet" else cfg.n_boot
-    if sa.n == sb.n:
+    if paired:
         lo, hi = paired_delta_ci(sa.stat, sa.arrays, sb.stat, sb.arrays, n_boot=n_boot,
                                  level=cfg.level, seed=cfg.seed)
     else:  # not paired: independent draws on each side
@@ -346,10 +353,9 @@ def _delta(store, a: str, b: str, sa: M.MetricSpec, sb: M.MetricSpec, drift: dic
         lo, hi = lb[0] - la[1], lb[1] - la[0]  # conservative: interval arithmetic
     acc = _judge_accuracy(drift, sa.attrs.get("judge", ""), sa.attrs.get("kind", ""))
     row = {"from": a, "to": b, "name": sa.name, "value": value, "ci_low": lo, "ci_high": hi,
-           "n": sb.n, "paired": sa.n == sb.n, "judge": sa.attrs.get("judge"),
-           "judge_accuracy": acc}
+           "n": sb.n, "paired": paired, "judge": sa.attrs.get("judge"), "judge_accuracy": acc}
     if store is not None:
-        attrs = {**sa.attrs, "from": a, "to": b, "paired": sa.n == sb.n, "level": cfg.level,
+        attrs = {**sa.attrs, "from": a, "to": b, "paired": paired, "level": cfg.level,
                  **{f"judge_accuracy_{s}": v for s, v in acc.items()}}
         store.require_metric(b, "Delta." + sa.name, value, ci=(lo, hi), n=sb.n, attrs=attrs)
     return row
