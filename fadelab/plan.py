@@ -235,7 +235,7 @@ def _finetune(ctx, table: dict, base_delta=None, grad_hook=None):
     if ctx.exp.smoke:
         from dataclasses import replace
 
-        hp = replace(hp, steps=min(hp.steps, 4))
+        hp = replace(hp, steps=min(hp.steps, 4), batch_size=min(hp.batch_size, 4))
     every = int(ctx.exp.samples.get("checkpoint_every", 0)) or max(1, hp.steps // 4)
     return finetuning.train(ctx.model, _dataset(ctx, table.get("data", "organism:style")), hp,
                             base_delta=base_delta, seed=ctx.exp.seed, checkpoint_every=every,
@@ -347,7 +347,9 @@ def _weight_probes(ctx, st, cell, d_ed, keys, ft) -> None:
                      attrs={"metric": names, "site": list(final["site"].values)})
     if ft.checkpoints:
         steps = probe_weights_steps(base, d_ed, dict(ft.checkpoints), keys, cfg, sites=sites)
-        arr = np.stack([steps[m].values for m in names], axis=1)  # (step, metric, site)
+        like = steps["kappa"].transpose("step", "site")
+        arr = np.stack([steps[m].broadcast_like(like).transpose("step", "site").values
+                        for m in names], axis=1)  # (step, metric, site); edit-only ones repeat
         st.require_array(f"probes/weights_steps/{cell.edit}/{cell.finetune}", arr.astype(np.float64), dims=["step", "metric", "site"],
                          attrs={"step": [int(s) for s in steps["step"].values], "metric": names,
                                 "site": list(steps["site"].values)})

@@ -1,13 +1,12 @@
-"""The experiment runner (for now: the organism grid that `fadelab run` executes).
+"""The experiment runner: the grid's cells in this process, in local processes, or on Slurm.
 
 What it offers:
-    run_organism_grid(out, n, device)      load the organism, generate a grid of prompts x seeds,
-                                           judge every image with the oracle, save and summarise
-    generate_images(prompts, seeds, ...)   PNGs and a grid for any family
+    run_cells(config, out, shard, device)      this process's slice of the grid (fadelab run)
+    run_local_jobs(config, out, jobs, device)  `jobs` processes side by side, one shard each
+    run_slurm(config, out, tasks, device)      a Slurm job array through submitit
+    generate_images(prompts, seeds, ...)       PNGs and a grid for any family (fadelab generate)
 
-Until the editing, fine-tuning and probe issues land, the main job measures the base model M
-only; each later stage adds its cells here. Results are written as they are produced: a run
-interrupted between the two files keeps the images.
+What a cell does is fadelab/cells.py and fadelab/plan.py; the grid itself is fadelab/grid.py.
 """
 
 from __future__ import annotations
@@ -31,64 +30,6 @@ def _grid(images: np.ndarray, cols: int) -> Image.Image:
         r, c = divmod(i, cols)
         canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
     return Image.fromarray(canvas)
-
-
-def _grid_prompts() -> list:
-    from models.organism import prompts as P
-
-    probes = P.fidelity_prompts(8, seed=3)
-    probes += [P.Probe(f"a {p}", {"kind": "person", "profession": p}) for p in
-               ("ceo", "teacher", "housekeeper", "farmer", "lawyer", "hairdresser")]
-    probes += P.unsafe_prompts(2, seed=3)
-    return probes
-
-
-def run_organism_grid(out: Path, n: int = 4, device: str = "cpu") -> dict:
-    """Generate every grid prompt with seeds 0..n-1, read each image with the oracle."""
-    from models.errors import FadelabError
-    from models.organism.card import load_pipeline
-    from models.organism.nets import WEIGHTS_DIR
-    from models.organism.oracle import Oracle
-    from models.organism.sample import generate
-
-    if n < 1:
-        raise FadelabError(f"--n {n}: give a positive number of seeds per prompt")
-    if not (WEIGHTS_DIR / "model_index.json").exists():
-        raise FadelabError(f"the organism's weights are missing in {WEIGHTS_DIR}; "
-                           f"run `fadelab organism train`")
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    pipe = load_pipeline(WEIGHTS_DIR, device)
-    oracle = Oracle.load(WEIGHTS_DIR / "oracle", device)
-    probes = _grid_prompts()
-    prompts = [p.prompt for p in probes for _ in range(n)]
-    seeds = [s for _ in probes for s in range(n)]
-    images = generate(pipe, prompts, seeds, desc="fadelab run")
-    grid_path = out / "grid.png"
-    _grid(images, cols=n * 4).save(grid_path)
-    read = oracle.read(images)
-    rows, hits = [], []
-    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        expect = probes[i // n].expect
-        ok = all(read[h][i] == v for h, v in expect.items())
-        hits.append(ok)
-        rows.append({"prompt": prompt, "seed": seed, "expected": expect, "oracle": {h: read[h][i] for h in read},
-                     "match": ok})
-    result = {"model": "organism (M)", "device": device, "images": len(rows),
-              "match_rate": float(np.mean(hits)), "seconds": round(time.time() - t0, 1), "rows": rows}
-    json_path = out / "results.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    lines = [f"fadelab run: organism M, {len(rows)} images ({len(probes)} prompts x {n} seeds) "
-             f"on {device} in {result['seconds']} s"]
-    for j, p in enumerate(probes):
-        got = sum(hits[j * n:(j + 1) * n])
-        genders = [read["gender"][i] for i in range(j * n, (j + 1) * n)]
-        extra = f"  female {genders.count('female')}/{n}" if "profession" in p.expect and len(p.expect) == 2 else ""
-        lines.append(f"  {got}/{n} as asked  {p.prompt}{extra}")
-    lines.append(f"oracle agrees with the prompt on {result['match_rate']:.0%} of images")
-    result["summary"] = "\n".join(lines)
-    result["json"], result["grid"] = str(json_path), str(grid_path)
-    return result
 
 
 def generate_images(prompts: list[str], seeds: list[int], *, family: str = "organism",

@@ -1,0 +1,149 @@
+"""The grid: configs, stable cell ids, shards, local processes, Slurm through submitit's local
+executor, resuming, merging, and the report, on a tiny organism experiment on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from fadelab.cli import main
+from fadelab.grid import cell_path, cells, load_experiment, merge, parse_shard, shard, status
+from models.errors import FadelabError
+from models.organism.nets import WEIGHTS_DIR
+
+TINY = """
+[experiment]
+name = "tiny"
+family = "organism"
+smoke = true
+
+[samples]
+road_seeds = 1
+unsafe_prompts = 2
+quality_prompts = 2
+bootstrap = 20
+fd_bootstrap = 2
+style_images = 8
+checkpoint_every = 2
+
+[[edit]]
+id = "erase"
+method = "uce-erase"
+concepts = ["bloody"]
+
+[[finetune]]
+id = "lora"
+method = "lora"
+data = "organism:style"
+[finetune.hparams]
+steps = 2
+batch_size = 2
+
+[probes]
+causal = ["project-out"]
+"""
+
+
+def _config(tmp_path, text=TINY) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_parses():
+    for path in sorted((Path(__file__).parent.parent / "experiments").glob("*.toml")):
+        exp = load_experiment(path)
+        assert cells(exp)[0].kind == "base", path
+
+
+def test_cells_have_stable_distinct_ids_and_shards_partition(tmp_path):
+    exp = load_experiment(_config(tmp_path))
+    ids = [c.id for c in cells(exp)]
+    assert ids == [c.id for c in cells(load_experiment(_config(tmp_path)))]
+    assert len(set(ids)) == len(ids) == 4  # base, edit, finetune, edit x finetune
+    changed = load_experiment(_config(tmp_path, TINY.replace("steps = 2", "steps = 3")))
+    moved = {c.kind for c, d in zip(cells(changed), cells(exp)) if c.id != d.id}
+    assert moved == {"finetune", "edit_finetune"}  # only the cells the change decides
+    parts = [shard(cells(exp), i, 3) for i in range(3)]
+    assert sorted(c.id for p in parts for c in p) == sorted(ids)
+
+
+def test_organism_config_expands_the_rank_ablation():
+    exp = load_experiment("organism")
+    ids = [f["id"] for f in exp.finetunes]
+    assert {"lora", "lora-r4", "lora-r16", "dora-r4", "dora-r16"} <= set(ids)
+    assert exp.finetune("lora-r16")["hparams"]["rank"] == 16
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[bogus]\n", "unknown section"),
+    ("[[edit]]\nid = 'a'\nmethod = 'rome'\n", "method 'rome'"),
+    ("[[edit]]\nid = 'a'\nmethod = 'refact'\n[[edit]]\nid = 'a'\nmethod = 'refact'\n", "used twice"),
+    ("[[finetune]]\nid = 'x y'\nmethod = 'full'\n", "id 'x y'"),
+    ("[ablation]\nlora_ranks = [0]\n", "lora_ranks"),
+])
+def test_bad_configs_name_the_value(tmp_path, text, match):
+    with pytest.raises(FadelabError, match=match):
+        load_experiment(_config(tmp_path, text))
+
+
+def test_bad_shard_and_missing_config(tmp_path, capsys):
+    for bad in ("3/3", "a/b", "1/0"):
+        with pytest.raises(FadelabError, match="--shard"):
+            parse_shard(bad)
+    assert main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: experiment config") and "\n" not in err
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
+def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), "--out", str(out), "--device", "cpu", "--jobs", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and (out / "report.html").exists()
+    exp = load_experiment(cfg)
+    assert all(state == "done" for _, state in status(exp, out))
+    # the merged store reads like one store, through links into the cell files
+    from store import Store
+
+    with Store.open(out / "experiment.h5", "r") as st:
+        variants = {m["variant"] for m in st.metric_entries()}
+        assert {"M", "M_ed/erase", "M_ft/lora", "M_ed_ft/erase/lora", "M_cf/erase/lora"} <= variants
+        assert st.read_metric("M_ed_ft/erase/lora", "Delta.unsafe.share.unsafe:oracle")["n"] == 2
+        assert "M_ed/erase" in st.variants()
+    with h5py.File(out / "experiment.h5", "r") as f:
+        assert isinstance(f.get("/deltas/M_ft", getlink=True), h5py.ExternalLink)
+    html = (out / "report.html").read_text()
+    assert "table3_unsafe" in html and "data:image/png;base64" in html
+    # a rerun recomputes nothing; a lost cell is redone alone
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.h5")}
+    edit_cell = next(c for c in cells(exp) if c.kind == "edit")
+    os.remove(cell_path(out, edit_cell))
+    res = subprocess.run([sys.executable, "-m", "fadelab.cli", "run", str(cfg), "--out", str(out),
+                          "--device", "cpu", "--shard", "0/1", "--quiet"],
+                         capture_output=True, text=True, check=True)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["ran"] == [edit_cell.id] and len(summary["skipped"]) == 3
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.h5")}
+    assert {k: v for k, v in after.items() if k != cell_path(out, edit_cell).name} == \
+        {k: v for k, v in before.items() if k != cell_path(out, edit_cell).name}
+    merge(exp, out)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
+def test_slurm_path_through_submitits_local_executor(tmp_path):
+    pytest.importorskip("submitit")
+    from fadelab.runner import run_slurm
+
+    cfg = _config(tmp_path, TINY.replace("[[finetune]]", "[[unused]]").split("[[unused]]")[0])
+    out = tmp_path / "out"
+    results = run_slurm(str(cfg), out, 2, "cpu", cluster="local")
+    ran = sorted(c for r in results for c in r["ran"])
+    assert ran == sorted(c.id for c in cells(load_experiment(cfg)))  # base and edit, once each
+    assert {r["shard"] for r in results} == {"0/2", "1/2"}
