@@ -46,12 +46,3 @@ def test_card_json_prints_one_object():
     for key in ("prompt_fidelity", "bias_max_error", "unsafe_marker_rate", "safe_marker_rate",
                 "oracle_accuracy_base", "oracle_accuracy_style", "clip_caption_accuracy"):
         assert 0.0 <= card[key] <= 1.0
-
-
-@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
-def test_run_writes_results_and_grid(tmp_path, capsys):
-    assert main(["run", "--out", str(tmp_path), "--n", "1", "--device", "cpu"]) == 0
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["images"] == 16 and (tmp_path / "grid.png").exists()
-    assert res["match_rate"] >= 0.75
-    assert "oracle agrees" in capsys.readouterr().out
