@@ -13,7 +13,8 @@ sweep, and the benchmark on SD1.4's architecture with random weights.
             generality, specificity (n images per line and request), oracle and CLIP
     sweep   ReFACT at every layer x fact token (sweep-n images per line and request)
 (b) sd14    UCE with 1 concept + 100 preserve prompts and one ReFACT edit on models.load("sd14",
-            "random"): seconds and torch.cuda.max_memory_allocated (C's statistic timed apart).
+            "random"): seconds and torch.cuda.max_memory_allocated (C's statistic timed apart;
+            UCE also as the official code's plain per-site loop, editing/bench.py).
 
 Writes DIR/editing.json (every number, the targets and whether each passed) and prints a summary.
 Target: under 4 minutes on one H100 with the defaults.
@@ -37,6 +38,7 @@ import models  # noqa: E402
 from editing import (DebiasHparams, ReFACTHparams, UCEHparams, organism_corpus,  # noqa: E402
                      organism_profession_preserve, organism_road_requests, organism_safe_prompts,
                      refact, second_moment, uce_debias, uce_erase)
+from editing.bench import sd14_edit_timings  # noqa: E402
 from editing.evaluate import Measurer, bias_delta  # noqa: E402
 from editing.presets import ORGANISM_UNSAFE  # noqa: E402
 from editing.refact import default_fact_token, default_layer  # noqa: E402
@@ -125,42 +127,6 @@ def part_sweep(m, meas: Measurer, n: int, corpus) -> dict:
     return table
 
 
-def part_sd14(device: str, scale: float) -> dict:
-    m = models.load("sd14", "random", scale=scale, device=device)
-    preserve = organism_safe_prompts(100, seed=11)
-    cuda = device.startswith("cuda")
-    out: dict = {"device": device, "scale": scale, "dtype": str(m.dtype), "n_preserve": len(preserve)}
-    if cuda:
-        out["gpu"] = torch.cuda.get_device_name()
-        out["model_memory_bytes"] = torch.cuda.memory_allocated()
-    for label in ("uce_cold", "uce"):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        t = time.perf_counter()
-        r = uce_erase(m, ["a painting of a cat"], UCEHparams(), preserve=preserve)
-        _sync(device)
-        out[f"{label}_seconds"] = time.perf_counter() - t
-        if cuda:
-            out[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated()
-    out["uce_sites"], out["uce_rows"] = len(r.sites()), [r.info["rows_edited"], r.info["rows_preserved"]]
-    site = "text.mlp.7.fc2"
-    t = time.perf_counter()
-    stats = second_moment(m, site, organism_corpus(2000, seed=3))
-    _sync(device)
-    out["refact_stats_seconds"], out["refact_stats_tokens"] = time.perf_counter() - t, stats.count
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    r = refact(m, {"prompt": "a painting of a cat", "subject": "a cat", "new": "a dog", "old": "a cat"},
-               ReFACTHparams(), stats={site: stats})
-    _sync(device)
-    out["refact_seconds"], out["refact_steps"] = time.perf_counter() - t, r.info["steps"]
-    if cuda:
-        out["refact_peak_bytes"] = torch.cuda.max_memory_allocated()
-    return out
-
-
 def _passed(res: dict) -> dict:
     got = {}
     if "erase" in res:
@@ -206,7 +172,9 @@ def summary(res: dict) -> str:
         s = res["sd14"]
         mb = 2**20
         lines.append(f"  SD1.4 random (scale {s['scale']:g}): UCE 1 concept + {s['n_preserve']} preserve "
-                     f"{s['uce_seconds']:.2f} s (cold {s['uce_cold_seconds']:.2f} s), peak "
+                     f"{s['uce_seconds']:.2f} s (cold {s['uce_cold_seconds']:.2f} s, plain loop "
+                     f"{s['uce_reference_seconds']:.2f} s; max err vs fp64 {s['uce_max_abs_error_fp64']:.1e} / "
+                     f"{s['uce_reference_max_abs_error_fp64']:.1e}), peak "
                      f"{s.get('uce_peak_bytes', 0) / mb:.0f} MiB; ReFACT {s['refact_seconds']:.2f} s "
                      f"({s['refact_steps']} steps), peak {s.get('refact_peak_bytes', 0) / mb:.0f} MiB; "
                      f"C over {s['refact_stats_tokens']} tokens {s['refact_stats_seconds']:.2f} s")
@@ -223,7 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--parts", default="erase,debias,refact,sweep,sd14")
     p.add_argument("--sd14-scale", type=float, default=None, help="default: 1 on CUDA, 0.125 on the CPU")
-    p.add_argument("--debias-images", type=int, default=None, help="images per profession per round")
+    p.add_argument("--debias-images", type=int, default=100,
+                   help="images per profession per debias round (default 100: the judge's noise, "
+                        "0.5 / sqrt(n), must stay near the 0.05 tolerance; DebiasHparams' default is 50)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -246,7 +216,7 @@ def main(argv=None) -> int:
             if name == "erase":
                 res[name] = part_erase(m, meas, args.n)
             elif name == "debias":
-                h = DebiasHparams() if args.debias_images is None else DebiasHparams(n_images=args.debias_images)
+                h = DebiasHparams(n_images=args.debias_images)
                 res[name] = part_debias(m, meas, args.n, h)
             elif name == "refact":
                 res[name] = part_refact(m, meas, args.n, corpus)
@@ -258,7 +228,7 @@ def main(argv=None) -> int:
     if "sd14" in parts:
         t = time.perf_counter()
         scale = args.sd14_scale or (1.0 if args.device.startswith("cuda") else 0.125)
-        res["sd14"] = part_sd14(args.device, scale)
+        res["sd14"] = sd14_edit_timings(args.device, scale)
         seconds["sd14"] = time.perf_counter() - t
     res["part_seconds"] = seconds
     res["seconds"] = time.perf_counter() - t0
