@@ -35,8 +35,15 @@ def _variant_deltas(st, names):
         if not sites:
             raise FadelabError(f"variant {name!r} has no delta in the store; it has "
                                f"{', '.join(st.variants()) or 'none'} (and M)")
-        out[name] = WeightDelta({s: st.read_delta(name, s) for s in sites},
-                                {"variant": name, "store": str(st.path)})
+        delta = WeightDelta({s: st.read_delta(name, s) for s in sites},
+                            {"variant": name, "store": str(st.path)})
+        parts = name.split("/")
+        if parts[0] == "M_ed_ft" and len(parts) == 3:
+            # the grid stores M_ed_ft's own update dW_ft; its weights are M + dW_ed + dW_ft
+            edit = f"M_ed/{parts[1]}"
+            if st.sites(edit):
+                delta = WeightDelta({s: st.read_delta(edit, s) for s in st.sites(edit)}) + delta
+        out[name] = delta
     return out
 
 
