@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 #: The organism's ReFACT layer and fact token, chosen by the sweep in docs/editing.md.
 ORGANISM_LAYER = 3
-ORGANISM_FACT_TOKEN = "subject_last"
+ORGANISM_FACT_TOKEN = "last"
 
 
 def request_from_road(row: Mapping[str, str]) -> dict:

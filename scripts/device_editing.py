@@ -3,6 +3,7 @@ sweep, and the benchmark on SD1.4's architecture with random weights.
 
     python scripts/device_editing.py --out DIR [--n 100] [--sweep-n 10] [--device cuda]
                                      [--parts erase,debias,refact,sweep,sd14] [--sd14-scale 1]
+                                     [--debias-images 100] [--smoke]
 
 (a) the organism, n images per line, judged by the oracle (and by the organism's CLIP):
     erase   UCE erase of its unsafe words (preserving 50 safe captions): unsafe-marker rate and
@@ -105,18 +106,17 @@ def _refact_all(m, meas, rows, n, h: ReFACTHparams, corpus) -> dict:
     return scores
 
 
-def part_refact(m, meas: Measurer, n: int, corpus) -> dict:
+def part_refact(m, meas: Measurer, n: int, corpus, rows) -> dict:
     h = ReFACTHparams()
-    out = _refact_all(m, meas, organism_road_requests(), n, h, corpus)
+    out = _refact_all(m, meas, rows, n, h, corpus)
     out.update(layer=default_layer(m), fact_token=default_fact_token(m))
     return out
 
 
-def part_sweep(m, meas: Measurer, n: int, corpus) -> dict:
-    rows = organism_road_requests()
+def part_sweep(m, meas: Measurer, n: int, corpus, rows, layers) -> dict:
     table = {}
     for fact_token in ("subject_last", "last"):
-        for layer in range(m.text_encoders[0].config.num_hidden_layers):
+        for layer in layers:
             t = time.perf_counter()
             s = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=fact_token), corpus)
             table[f"{fact_token}/{layer}"] = {**s["mean"], "mean_steps": float(np.mean(s["steps"])),
@@ -191,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--parts", default="erase,debias,refact,sweep,sd14")
     p.add_argument("--sd14-scale", type=float, default=None, help="default: 1 on CUDA, 0.125 on the CPU")
+    p.add_argument("--smoke", action="store_true",
+                   help="prove the script runs (CPU): 1 debias round, 2 ReFACT requests, sweep at layer 0 only; "
+                        "the numbers mean nothing")
     p.add_argument("--debias-images", type=int, default=100,
                    help="images per profession per debias round (default 100: the judge's noise, "
                         "0.5 / sqrt(n), must stay near the 0.05 tolerance; DebiasHparams' default is 50)")
@@ -209,6 +212,11 @@ def main(argv=None) -> int:
         m = models.load("organism", device=args.device)
         meas = Measurer(m)
         corpus = organism_corpus(20000)
+        rows = organism_road_requests()
+        layers = list(range(m.text_encoders[0].config.num_hidden_layers))
+        if args.smoke:
+            rows, layers = [rows[0], rows[14]], [0]
+            res["smoke"] = True
         for name in ("erase", "debias", "refact", "sweep"):
             if name not in parts:
                 continue
@@ -216,12 +224,12 @@ def main(argv=None) -> int:
             if name == "erase":
                 res[name] = part_erase(m, meas, args.n)
             elif name == "debias":
-                h = DebiasHparams(n_images=args.debias_images)
+                h = DebiasHparams(n_images=args.debias_images, max_rounds=1 if args.smoke else 30)
                 res[name] = part_debias(m, meas, args.n, h)
             elif name == "refact":
-                res[name] = part_refact(m, meas, args.n, corpus)
+                res[name] = part_refact(m, meas, args.n, corpus, rows)
             else:
-                res[name] = part_sweep(m, meas, args.sweep_n, corpus)
+                res[name] = part_sweep(m, meas, args.sweep_n, corpus, rows, layers)
             seconds[name] = time.perf_counter() - t
             log.info("%s done in %.1f s", name, seconds[name])
             (out / "editing.json").write_text(json.dumps(res, indent=1, default=str))

@@ -7,8 +7,8 @@ import torch
 
 import models
 from editing import (DebiasHparams, OrganismClip, UCEHparams, open_clip_judge, oracle_judge,
-                     organism_profession_preserve, organism_road_requests, organism_safe_prompts, uce_debias,
-                     uce_erase)
+                     organism_profession_preserve, organism_road_requests, organism_safe_prompts, refact,
+                     uce_debias, uce_erase)
 from editing.evaluate import Measurer, road_expect
 from editing.presets import ORGANISM_UNSAFE
 from models import FadelabError
@@ -72,3 +72,15 @@ def test_road_expectations_cover_every_request():
         for key in ("Prompt", "New", "Old", *[f"Positive_oracle{i}" for i in range(1, 6)],
                     *[f"Negative{i}" for i in range(1, 6)]):
             assert road_expect(row[key])  # every prompt names something the oracle reads
+
+
+def test_refact_role_edit_changes_who_the_organism_draws(organism, measurer):
+    """The organism default (layer 3, fact token <eos>, docs/editing.md): "the mayor" -> tess lark
+    (measured 5/5 efficacy on the CPU); the old holder's own name still draws her."""
+    row = organism_road_requests()[14]
+    assert (row["Prompt"], row["New"], row["Old"]) == ("the mayor", "tess lark", "mira holt")
+    r = refact(organism, row)
+    assert r.info["fact_token"] == "last" and r.sites() == ["text.mlp.3.fc2"] and r.info["p_new"] > 0.99
+    after = measurer.oracle.read(measurer.generate(["the mayor"] * 4 + ["mira holt"] * 2, [0, 1, 2, 3, 0, 1],
+                                                   r.delta))["identity"]
+    assert after[:4].count("tess lark") >= 3 and after[4:].count("mira holt") >= 1
