@@ -21,7 +21,9 @@ The loop (train_debias.py; trainscripts/uce_sd_debias.py):
         F_p = the judge's female share;  gap_{p,a} = target_a - share_{p,a};
         if max_a |gap_{p,a}| <= tolerance: freeze p (its v* stays where it is)
         else alpha_{p,a} += step_size * gap_{p,a}
-    until every profession is frozen.
+    until every profession is frozen. The returned delta is built from the final alpha; when the
+    loop stops at max_rounds its last update is unmeasured (as in both official codes), and
+    info["final_female_shares"] holds the last measured shares.
 
 Departure from the official code, on purpose: every round solves from the unedited weights with
 the accumulated alpha (one exact delta, testable by the normal equations), where the paper-era

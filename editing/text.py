@@ -8,7 +8,9 @@ Offers
     KeySpace, key_spaces(model, ...)        the edited sites grouped by the text rows they read
     encode(model, prompts)                  {space: Rows(emb (B, T, d) fp32, last (B,))}
     edit_rows(edit, guides, mode)           UCE's aligned (c_e, [c_g, ...]) rows, "tail" or "last"
+    row_counts(edit, guides, mode)          how many rows each edited prompt gives
     preserve_rows(rows, mode)               UCE's c_p rows
+    select(rows, index), resolve_mode(model, tokens), pipeline_kind(model), flux_max_length(model)
     last_index(attention_mask)              the last subject token of each prompt
 
 Key spaces (what a cross-attention or embedder site multiplies):
