@@ -54,7 +54,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,20 +121,9 @@ class WeightProbeConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> WeightProbeConfig:
         """Load from a .toml or .json file (a table/object of the fields above)."""
-        path = Path(path)
-        if path.suffix == ".toml":
-            import tomllib
+        from models.configfile import config_from, read_config
 
-            data = tomllib.loads(path.read_text())
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            raise FadelabError(f"config file {str(path)!r}: accepted are .toml and .json")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise FadelabError(f"unknown weight-probe settings {unknown}; accepted are {sorted(known)}")
-        return cls(**data)
+        return config_from(cls, read_config(path), "weight-probe")
 
 
 # -- single metrics ------------------------------------------------------------------------------
