@@ -14,7 +14,9 @@
     ORGANISM_UNSAFE, organism_safe_prompts(n), organism_profession_preserve(p), organism_road_requests()
 
 Every edit is pure: (model, request, hparams) -> EditResult, the model unchanged afterwards.
-editing imports only models. Names load on first use (PEP 562), so `import editing` is light.
+editing imports only models. Names load on first use (PEP 562), except `refact`: the function
+shares its name with its module (editing/refact.py), so it is bound here at import; otherwise a
+later `from editing.refact import ...` would leave `editing.refact` pointing at the module.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ _EXPORTS = {
     "uce_replace": "editing.uce",
     "uce_solve": "editing.uce",
     "uce_debias": "editing.debias",
-    "refact": "editing.refact",
     "request_from_road": "editing.refact",
     "second_moment": "editing.refact_stats",
     "organism_corpus": "editing.refact_stats",
@@ -52,7 +53,9 @@ _EXPORTS = {
     "organism_road_requests": "editing.presets",
 }
 
-__all__ = list(_EXPORTS)
+from editing.refact import refact  # noqa: E402  (the function, not its module; see above)
+
+__all__ = [*_EXPORTS, "refact"]
 
 
 def __getattr__(name: str) -> Any:

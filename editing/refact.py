@@ -151,7 +151,9 @@ class _Features:
         return out
 
     def __call__(self, prompts: list[str]) -> Tensor:
-        ids = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length,
+        # padded to the longest prompt only: CLIP's text attention is causal, so rows up to <eos>
+        # (the lookup tokens and the pooled output) do not depend on padding after it
+        ids = self.tok(prompts, padding="longest", max_length=self.tok.model_max_length,
                        truncation=True, return_tensors="pt").input_ids.to(self.device)
         handle = self.module.register_forward_hook(self._hook)
         try:
@@ -183,8 +185,8 @@ def _fc2_io(encoder, tok, module, prompts: list[str], lookup: list[int]) -> tupl
     def hook(mod, inp, out):
         got["in"], got["out"] = inp[0], out
 
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
+    ids = tok(prompts, padding="longest", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(next(encoder.parameters()).device)  # causal: see _Features
     handle = module.register_forward_hook(hook)
     try:
         encoder(input_ids=ids)

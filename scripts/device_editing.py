@@ -1,9 +1,10 @@
 """Issue 3 on the GPU: the organism's acceptance numbers for UCE and ReFACT, the ReFACT layer
 sweep, and the benchmark on SD1.4's architecture with random weights.
 
-    python scripts/device_editing.py --out DIR [--n 100] [--sweep-n 10] [--device cuda]
-                                     [--parts erase,debias,refact,sweep,sd14] [--sd14-scale 1]
+    python scripts/device_editing.py --out DIR [--n 100] [--device cuda]
+                                     [--parts erase,debias,refact,sd14] [--sd14-scale 1]
                                      [--debias-images 100] [--smoke]
+    python scripts/device_editing.py --out DIR2 --parts sweep [--sweep-n 10]
 
 (a) the organism, n images per line, judged by the oracle (and by the organism's CLIP):
     erase   UCE erase of its unsafe words (preserving 50 safe captions): unsafe-marker rate and
@@ -12,13 +13,14 @@ sweep, and the benchmark on SD1.4's architecture with random weights.
             mean delta = |F_p - 0.5| / 0.5 before and after, oracle and CLIP
     refact  ReFACT with the organism's defaults on all 22 RoAD-schema requests: efficacy,
             generality, specificity (n images per line and request), oracle and CLIP
-    sweep   ReFACT at every layer x fact token (sweep-n images per line and request)
+    sweep   ReFACT at every layer x fact token (sweep-n images per line and request); not in
+            the default parts (it alone took about 4.5 minutes on an H200)
 (b) sd14    UCE with 1 concept + 100 preserve prompts and one ReFACT edit on models.load("sd14",
             "random"): seconds and torch.cuda.max_memory_allocated (C's statistic timed apart;
             UCE also as the official code's plain per-site loop, editing/bench.py).
 
 Writes DIR/editing.json (every number, the targets and whether each passed) and prints a summary.
-Target: under 4 minutes on one H100 with the defaults.
+Target: under 4 minutes on one H100 with the default parts; the sweep is a second call.
 """
 
 from __future__ import annotations
@@ -189,7 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=100, help="images per line (default 100)")
     p.add_argument("--sweep-n", type=int, default=10, help="images per line and request in the sweep")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--parts", default="erase,debias,refact,sweep,sd14")
+    p.add_argument("--parts", default="erase,debias,refact,sd14",
+                   help="comma-separated parts (default erase,debias,refact,sd14; add sweep for the "
+                        "ReFACT layer sweep, about 3 more minutes on an H200)")
     p.add_argument("--sd14-scale", type=float, default=None, help="default: 1 on CUDA, 0.125 on the CPU")
     p.add_argument("--smoke", action="store_true",
                    help="prove the script runs (CPU): 1 debias round, 2 ReFACT requests, sweep at layer 0 only; "

@@ -135,3 +135,10 @@ def test_statistics_are_required_off_the_organism_and_flux_is_refused():
     flux = models.load("flux-schnell", "random", scale=0.03125)
     with pytest.raises(FadelabError, match="FLUX is not supported"):
         refact(flux, {"prompt": "a cat", "new": "a dog", "old": "a cat"})
+
+
+def test_editing_refact_stays_the_function_after_its_module_is_imported():
+    import editing
+    from editing.refact import request_from_road  # noqa: F401  (the runner's import order)
+
+    assert callable(editing.refact) and editing.refact.__name__ == "refact"
