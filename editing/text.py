@@ -71,7 +71,8 @@ def organism_vocabulary() -> frozenset[str]:
     texts += [w for ws in world.GENDER_WORDS.values() for w in ws]
     texts += [p for ps in world.CONTEXT_PHRASES.values() for p in ps]
     texts += [*prompts.OBJECT_TEMPLATES, *prompts.PERSON_TEMPLATES]
-    return frozenset(w for t in texts for w in _WORD.findall(t.replace("{x}", "").lower()))
+    words = {w for t in texts for w in _WORD.findall(t.replace("{x}", "").lower())}
+    return frozenset(words | {part for w in words for part in w.split("-") if part})  # blood-covered: blood
 
 
 def check_concepts(model, concepts: Sequence[str], what: str = "concept") -> list[str]:
