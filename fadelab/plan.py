@@ -70,19 +70,25 @@ def compute_edit(ctx, table: dict):
     method = table["method"]
     model = ctx.model
     hp = table.get("hparams", {})
+    preserve = table.get("preserve", ())
+    if isinstance(preserve, str) and preserve.startswith("organism:safe"):
+        # "organism:safe-50": 50 safe captions of the organism's world (what keeps fidelity)
+        preserve = editing.organism_safe_prompts(int(preserve.rsplit("-", 1)[1]) if "-" in preserve else 50)
     if method in ("uce-erase", "uce-moderate", "uce-replace"):
         h = H.load_hparams(H.UCEHparams, hp)
         concepts = table.get("concepts", [])
         if method == "uce-erase":
             return editing.uce_erase(model, concepts, h, guide=table.get("guide", ""),
-                                     preserve=table.get("preserve", ()))
+                                     preserve=preserve)
         if method == "uce-moderate":
             return editing.uce_moderate(model, concepts, h)
-        return editing.uce_replace(model, concepts, table.get("guides", []), h,
-                                   preserve=table.get("preserve", ()))
+        return editing.uce_replace(model, concepts, table.get("guides", []), h, preserve=preserve)
     if method == "uce-debias":
         h = H.load_hparams(H.DebiasHparams, hp)
-        return editing.uce_debias(model, table.get("professions", []), _judge_flags(ctx), h,
+        professions = table.get("professions", [])
+        if ctx.exp.family == "organism" and not preserve:
+            preserve = editing.organism_profession_preserve(professions)
+        return editing.uce_debias(model, professions, _judge_flags(ctx), h, preserve=preserve,
                                   progress=ctx.progress)
     if method == "refact":
         from editing.refact import request_from_road
