@@ -4,7 +4,7 @@ Offers
     LatentCache.build(vae, dataset, resolution, ...)   VAE posterior (mean, std) of every image,
                                                        scaled by the VAE's scaling factor, held
                                                        by dataset index
-    LatentCache.sample(indices, generator)             z = mean + std * eps (or the mean)
+    LatentCache.sample(indices, eps)                   z = mean + std * eps (or the mean)
     TextCache.build(tokenizer, captions)               token ids per unique caption, and the
                                                        caption row of every dataset index
     TextCache.encode(text_encoder, ...)                the frozen text encoder's hidden states
@@ -86,13 +86,11 @@ class LatentCache:
         log.info("cached %d latents %s", len(out.mean), tuple(out.mean.shape[1:]))
         return out
 
-    def sample(self, indices: Tensor, generator: torch.Generator | None, draw: bool = True) -> Tensor:
-        """z for `indices`: mean + std * eps with eps from `generator`, or the mean."""
+    def sample(self, indices: Tensor, eps: Tensor | None) -> Tensor:
+        """z for `indices`: mean + std * eps (eps: standard normal, (len(indices), C, h, w)), or the
+        posterior mean when eps is None."""
         mean = self.mean[indices]
-        if not draw:
-            return mean
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + self.std[indices] * eps
+        return mean if eps is None else mean + self.std[indices] * eps
 
 
 def encode_prompt(text_encoder: nn.Module, ids: Tensor) -> Tensor:

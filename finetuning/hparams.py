@@ -14,9 +14,9 @@ Offers
     to_dict(hp)              a JSON-ready dict with the method name
 
 Defaults of every dataclass are the diffusers reference recipes at Stable Diffusion scale (512 px,
-batch 1, the README commands of each example). The organism (64 px, 8.75M-parameter UNet, batch
-32-64 on a GPU) needs other step counts and learning rates; ORGANISM holds them, with the reason
-for each in docs/finetuning.md.
+batch 1, the README commands of each example). The organism (64 px, 8.75M-parameter UNet) needs
+other step counts, batches and learning rates; ORGANISM holds them, with the measurements behind
+each in docs/finetuning.md.
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ class TrainHParams:
         _choice(self, "mixed_precision", ("bf16", "no"))
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise FadelabError(f"{self.method} hparams: warmup_steps and max_grad_norm must be >= 0")
+        if self.warmup_steps and self.lr_scheduler == "constant":
+            raise FadelabError(f"{self.method} hparams: warmup_steps={self.warmup_steps} has no effect with "
+                               "lr_scheduler='constant'; use 'constant_with_warmup' or warmup_steps=0")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise FadelabError(f"{self.method} hparams: snr_gamma={self.snr_gamma!r}; give a positive number or None")
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
@@ -151,7 +154,8 @@ class LoraHParams(TrainHParams):
         rank: r, the LoRA rank (the study used 4, 8 and 16).
         alpha: lora_alpha; None means alpha = rank (scale 1), as the recipes.
         target_modules: peft target_modules; () takes LORA_MODULES for each targeted component.
-        init_lora_weights: peft's initialisation ("gaussian" as the recipes, or "default").
+        init_lora_weights: A's initialisation: "gaussian" (std 1/r, the recipes') or "default"
+            (peft's kaiming-uniform A); B starts at 0 either way.
         use_dora: DoRA instead of LoRA (see DoraHParams).
     """
 
@@ -287,16 +291,20 @@ METHODS: dict[str, type[TrainHParams]] = {
     for cls in (FullHParams, LoraHParams, DoraHParams, DreamBoothHParams, TextualInversionHParams)
 }
 
-#: The organism's defaults (64 px, 16x16x4 latents, 8.75M-parameter UNet, 7.5M text encoder),
-#: chosen so that each method's acceptance holds on a GPU in well under a minute per run; the
-#: reasons are in docs/finetuning.md ("Organism defaults").
+#: The organism's defaults (64 px, 16x16x4 latents, 8.75M-parameter UNet, 7.5M text encoder). On
+#: a GPU an organism step is launch-bound (about 0.1 s at batch 32 or 1,024 alike), so runs use
+#: few steps and large batches; the measurements behind each value are in docs/finetuning.md.
 ORGANISM: dict[str, dict[str, Any]] = {
-    "full": {"steps": 400, "batch_size": 32, "grad_accum": 1, "lr": 1e-4},
-    "lora": {"steps": 400, "batch_size": 32, "lr": 1e-3, "rank": 4},
-    "dora": {"steps": 400, "batch_size": 32, "rank": 4},
-    "dreambooth": {"steps": 200, "batch_size": 4, "lr": 5e-5, "num_class_images": 64,
-                   "class_steps": 20, "class_guidance": 3.0, "class_batch": 64},
-    "textual-inversion": {"steps": 300, "batch_size": 8, "grad_accum": 1, "lr": 5e-3, "scale_lr": False},
+    "full": {"steps": 200, "batch_size": 64, "grad_accum": 1, "lr": 1e-4, "lr_scheduler": "constant_with_warmup",
+             "warmup_steps": 10},
+    "lora": {"steps": 300, "batch_size": 64, "lr": 1e-3, "lr_scheduler": "constant_with_warmup",
+             "warmup_steps": 10, "rank": 4},
+    "dora": {"steps": 200, "batch_size": 64, "rank": 4},
+    "dreambooth": {"steps": 150, "batch_size": 8, "lr": 1e-4, "lr_scheduler": "constant_with_warmup",
+                   "warmup_steps": 10, "num_class_images": 64, "class_steps": 20, "class_guidance": 3.0,
+                   "class_batch": 64},
+    "textual-inversion": {"steps": 150, "batch_size": 16, "grad_accum": 1, "lr": 1e-2, "scale_lr": False,
+                          "num_vectors": 4},
 }
 
 

@@ -151,65 +151,109 @@ class _Source:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def latents_for(self, idx: Tensor, g: torch.Generator) -> Tensor:
+    def latents_for(self, idx: Tensor, eps: Tensor) -> Tensor:
+        """z0 for dataset `idx`: posterior mean + std * eps (or the mean), from the cache or, without
+        it, from a VAE pass over the images as the recipes do every step."""
+        eps = eps if self.hp.sample_latents else None
         if self.latents is not None:
-            return self.latents.sample(idx, g, self.hp.sample_latents)
-        pixels = self.dataset.pixels(idx.tolist(), self.resolution)  # the recipes' per-step VAE pass
-        mean, std = encode_pixels(self.vae, pixels, self.hp.mixed_precision == "bf16")
-        if not self.hp.sample_latents:
-            return mean
-        return mean + std * torch.randn(mean.shape, generator=g, device=mean.device)
+            return self.latents.sample(idx, eps)
+        mean, std = encode_pixels(self.vae, self.dataset.pixels(idx.tolist(), self.resolution),
+                                  self.hp.mixed_precision == "bf16")
+        return mean if eps is None else mean + std * eps
 
 
 class _Run:
-    """State of one train() call; `step()` runs one optimizer step."""
+    """One train() call's training state: the prepared modules, optimizer and schedule; `step(k)`
+    runs optimizer step k."""
 
-    def __init__(self, model, method: Method, hp: TrainHParams, acc, work, sources, seed: int) -> None:
+    def __init__(self, model, method: Method, hp: TrainHParams, acc, sources, seed: int) -> None:
         from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
 
-        self.model, self.method, self.hp, self.acc, self.work, self.seed = model, method, hp, acc, work, seed
-        self.sources = sources
+        self.method, self.hp, self.acc, self.seed, self.sources = method, hp, acc, seed, sources
         self.device = acc.device
         self.noise = DDPMScheduler.from_config(model.scheduler.config)
         if self.noise.config.prediction_type not in ("epsilon", "v_prediction"):
             raise FadelabError(f"prediction_type {self.noise.config.prediction_type!r} is not supported; "
                                "epsilon and v_prediction are")
         self.noise.alphas_cumprod = self.noise.alphas_cumprod.to(self.device)
-        trained = method.components
-        self.unet = trained.get("unet", model.pipe.unet)
-        self.text_encoder = trained.get("text_encoder", model.pipe.text_encoder)
+        trained = {n: m for n, m in method.components.items() if isinstance(m, nn.Module)}
+        self.unet = trained.get("unet", model.pipe.unet)  # unwrapped, for configs and dtypes
         self.text_trained = "text_encoder" in trained
+        self.latent_size = sources[0].resolution // model.pipe.vae_scale_factor
+        self.named = method.named_parameters()
+        self.lr = hp.lr * (hp.batch_size * hp.grad_accum * acc.num_processes if hp.scale_lr else 1)
+        optimizer = _optimizer(hp, [p for _, p in self.named], self.lr)
+        self.scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
+                                       num_training_steps=hp.steps)
+        prepared = acc.prepare(*trained.values(), optimizer)  # device placement, DDP wrapping
+        self.wrapped = dict(zip(trained, prepared[:-1]))
+        self.optimizer = prepared[-1]
+        self.unet_call = self.wrapped.get("unet", model.pipe.unet)
+        self.text_call = self.wrapped.get("text_encoder", model.pipe.text_encoder)
 
-    def _condition(self, source: _Source, idx: Tensor, text_module: nn.Module) -> Tensor:
+    def step(self, step: int) -> Tensor:
+        """Optimizer step `step` (1-based): grad_accum micro-batches (DDP gradient sync on the last
+        only), clipping, the update, the schedule, the method's after_step. Returns the step's loss
+        averaged over micro-batches and processes (a 0-d tensor on the device, not synced)."""
+        hp, acc = self.hp, self.acc
+        total = torch.zeros((), device=self.device)
+        for k in range(hp.grad_accum):
+            with contextlib.ExitStack() as ctx:
+                if k < hp.grad_accum - 1 and acc.num_processes > 1:
+                    for m in self.wrapped.values():
+                        ctx.enter_context(acc.no_sync(m))
+                loss = self.micro_loss((step - 1) * hp.grad_accum + k)
+                acc.backward(loss / hp.grad_accum)
+            total = total + loss.detach() / hp.grad_accum
+        if hp.max_grad_norm > 0:
+            acc.clip_grad_norm_([p for _, p in self.named], hp.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step()
+        return acc.gather(total[None]).mean()
+
+    def _condition(self, source: _Source, idx: Tensor) -> Tensor:
         ids, hidden = source.text.for_indices(idx.to(source.text.row.device))
         if hidden is not None:
             return hidden
         if self.text_trained:
-            return encode_prompt(text_module, ids)
+            return encode_prompt(self.text_call, ids)
         with torch.no_grad():
-            return encode_prompt(text_module, ids)
+            return encode_prompt(self.text_call, ids)
 
-    def micro_loss(self, micro: int, unet: nn.Module, text_module: nn.Module) -> Tensor:
-        """The loss of micro-batch number `micro` on this process."""
+    def micro_loss(self, micro: int) -> Tensor:
+        """The loss of micro-batch number `micro` on this process.
+
+        Indices, latent samples, noise and timesteps are drawn for the global batch (every
+        process's share) from one generator seeded by (seed, micro), and each process takes its
+        slice: N processes with batch b compute exactly the batches of one process with batch N b.
+        """
         hp, acc = self.hp, self.acc
-        g = torch.Generator(self.device).manual_seed((self.seed * 1_000_003 + micro) * 1024 + acc.process_index)
+        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + micro)
         per_process, total = hp.batch_size, hp.batch_size * acc.num_processes
         mine = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+        shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
         zs, conds, sizes = [], [], []
         for k, source in enumerate(self.sources):
             idx = epoch_indices(len(source), micro * total, total, self.seed + 7919 * k)[mine].to(self.device)
-            zs.append(source.latents_for(idx, g))
-            conds.append(self._condition(source, idx, text_module))
+            eps = torch.randn((total, *shape), generator=g, device=self.device)[mine]
+            zs.append(source.latents_for(idx, eps))
+            conds.append(self._condition(source, idx))
             sizes.append(len(idx))
         z0 = torch.cat(zs).float()
         cond = torch.cat(conds)
-        eps = torch.randn(z0.shape, generator=g, device=self.device)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (len(z0),), generator=g, device=self.device)
+        n = len(self.sources) * total
+        eps = torch.randn((n, *shape), generator=g, device=self.device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g, device=self.device)
+        take = torch.cat([torch.arange(k * total, (k + 1) * total)[mine] for k in range(len(self.sources))])
+        eps, t = eps[take.to(self.device)], t[take.to(self.device)]
         zt = self.noise.add_noise(z0, eps, t)
         target = eps if self.noise.config.prediction_type == "epsilon" else self.noise.get_velocity(z0, eps, t)
         dtype = next(self.unet.parameters()).dtype
         with _autocast(self.device, hp):
-            pred = unet(zt.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
+            pred = self.unet_call(zt.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
         per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if hp.snr_gamma is not None:
             from diffusers.training_utils import compute_snr
@@ -287,7 +331,6 @@ def train(
     input and NonFiniteLoss (a FadelabError) when the loss or the weights stop being finite.
     """
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     _check_model(model)
@@ -322,22 +365,9 @@ def train(
         if method.prior is not None:
             sources.append(_Source(method.prior, method.prior.captions, model, work.pipe.tokenizer,
                                    work.pipe.text_encoder, hp, resolution, frozen_text, acc.device, False))
-        named = method.named_parameters()
-        lr = hp.lr * (hp.batch_size * hp.grad_accum * acc.num_processes if hp.scale_lr else 1)
-        optimizer = _optimizer(hp, [p for _, p in named], lr)
-        scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
-                                  num_training_steps=hp.steps)
-        names = list(method.components)
-        modules = [method.components[n] for n in names if isinstance(method.components[n], nn.Module)]
-        prepared = acc.prepare(*modules, optimizer)
-        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        wrapped = dict(zip([n for n in names if isinstance(method.components[n], nn.Module)], prepared[:-1]))
-        optimizer = prepared[-1]
-        run = _Run(model, method, hp, acc, work, sources, seed)
-        unet = wrapped.get("unet", run.unet)
-        text_module = wrapped.get("text_encoder", run.text_encoder)
+        run = _Run(model, method, hp, acc, sources, seed)
         if grad_hook is not None:
-            hooks = [p.register_hook(lambda g, n=n, p=p: grad_hook(n, g, p)) for n, p in named]
+            hooks = [p.register_hook(lambda g, n=n, p=p: grad_hook(n, g, p)) for n, p in run.named]
             stack.callback(lambda: [h.remove() for h in hooks])
 
         meta = {"method": hp.method, "hparams": to_dict(hp), "seed": seed, "images": len(dataset),
@@ -349,8 +379,8 @@ def train(
         saved = state_io.load(state_dir, meta) if state_dir is not None else None
         if saved is not None:
             method.load_state_dict(saved["params"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
+            run.optimizer.load_state_dict(saved["optimizer"])
+            run.scheduler.load_state_dict(saved["scheduler"])
             start = int(saved["step"])
             losses = saved["loss"].tolist()
             checkpoints = [(s, WeightDelta(d, {"method": hp.method, "step": s}))
@@ -364,7 +394,7 @@ def train(
                                  None, {"failed_step": step_bad})
             where = f"step {last[0]}" if last else "none (no checkpoint was taken)"
             kept = f", its state kept in {state_dir}" if last and state_dir is not None else ""
-            return NonFiniteLoss(f"{hp.method}: {why} at step {step_bad} (lr {lr:g}); the last good checkpoint is "
+            return NonFiniteLoss(f"{hp.method}: {why} at step {step_bad} (lr {run.lr:g}); the last good checkpoint is "
                                  f"{where}{kept}; lower the learning rate or check the data", step_bad, res)
 
         buffer: list[Tensor] = []
@@ -384,24 +414,7 @@ def train(
         warm = min(start + 3, hp.steps)
         t_warm = time.perf_counter()
         for step in range(start + 1, hp.steps + 1):
-            total = torch.zeros((), device=acc.device)
-            for k in range(hp.grad_accum):
-                micro = (step - 1) * hp.grad_accum + k
-                sync = k == hp.grad_accum - 1 or acc.num_processes == 1
-                with contextlib.ExitStack() as ctx:
-                    if not sync:
-                        for m in wrapped.values():
-                            ctx.enter_context(acc.no_sync(m))
-                    loss = run.micro_loss(micro, unet, text_module)
-                    acc.backward(loss / hp.grad_accum)
-                total = total + loss.detach() / hp.grad_accum
-            if hp.max_grad_norm > 0:
-                acc.clip_grad_norm_([p for _, p in named], hp.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step()
-            buffer.append(acc.gather(total[None]).mean())
+            buffer.append(run.step(step))
             bar.update(1)
             if step == warm:
                 _sync(acc.device)
@@ -418,8 +431,8 @@ def train(
                 checkpoints.append((step, WeightDelta(delta, {"method": hp.method, "step": step})))
                 if state_dir is not None and acc.is_main_process:
                     state_io.save_checkpoint(state_dir, step, delta)
-                    state_io.save(state_dir, step, method.state_dict(), optimizer.state_dict(),
-                                  scheduler.state_dict(), losses, meta)
+                    state_io.save(state_dir, step, method.state_dict(), run.optimizer.state_dict(),
+                                  run.scheduler.state_dict(), losses, meta)
                 acc.wait_for_everyone()
                 if callback is not None:
                     callback(step, work)
@@ -435,7 +448,7 @@ def train(
             adapter = method.adapter(work, Path(adapter_dir) if adapter_dir is not None else None)
         acc.wait_for_everyone()
         info = {
-            "hparams": to_dict(hp), "seed": seed, "steps": hp.steps, "resumed_from": start, "lr": lr,
+            "hparams": to_dict(hp), "seed": seed, "steps": hp.steps, "resumed_from": start, "lr": run.lr,
             "device": str(acc.device), "processes": acc.num_processes, "resolution": resolution,
             "data": str(getattr(dataset, "folder", "in memory")), "images": len(dataset),
             "family": model.family, "weights": model.weights, "cache": hp.cache,

@@ -274,8 +274,9 @@ class Lora(Method):
         self.configs = {}
         for component in targets:
             short = "text" if component == "text_encoder" else "unet"
+            init = True if hp.init_lora_weights == "default" else hp.init_lora_weights  # peft: True = kaiming A
             config = LoraConfig(r=hp.rank, lora_alpha=hp.rank if hp.alpha is None else hp.alpha,
-                                init_lora_weights=hp.init_lora_weights, target_modules=list(hp.modules(short)),
+                                init_lora_weights=init, target_modules=list(hp.modules(short)),
                                 use_dora=hp.use_dora)
             work = inject_adapter_in_model(config, working_copy(getattr(model.pipe, component)), "default")
             work.train()
