@@ -22,6 +22,11 @@ from models.organism.nets import WEIGHTS_DIR
 needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism weights missing")
 
 
+def short(method, **overrides):
+    """The organism's defaults for a run of a few steps: constant learning rate, no warm-up."""
+    return H.defaults(method, "organism", **{"lr_scheduler": "constant", "warmup_steps": 0, **overrides})
+
+
 # --- hparams ----------------------------------------------------------------------------------
 
 
@@ -59,6 +64,8 @@ def test_hparams_files_and_bad_values(tmp_path):
         H.defaults("full", steps=0)
     with pytest.raises(FadelabError, match="unknown fine-tuning method 'qlora'"):
         H.defaults("qlora")
+    with pytest.raises(FadelabError, match="warmup_steps=5 has no effect"):
+        H.defaults("full", warmup_steps=5)
     with pytest.raises(FadelabError, match="template"):
         H.defaults("textual-inversion", templates=("a photo",))
 
@@ -153,9 +160,10 @@ def test_caches_are_keyed_by_dataset_index(model, style):
     cache = LatentCache.build(model.vae, ds, 64, batch=3)
     mean, std = encode_pixels(model.vae, ds.pixels([2], 64), bf16=False)
     assert torch.allclose(cache.mean[2], mean[0], atol=1e-4) and torch.allclose(cache.std[2], std[0], atol=1e-4)
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    z = cache.sample(torch.tensor([2, 0]), g1)
-    assert torch.allclose(z[0], cache.mean[2] + cache.std[2] * torch.randn((2, 4, 16, 16), generator=g2)[0])
+    eps = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    z = cache.sample(torch.tensor([2, 0]), eps)
+    assert torch.equal(z[1], cache.mean[0] + cache.std[0] * eps[1])
+    assert torch.equal(cache.sample(torch.tensor([2]), None)[0], cache.mean[2])
     text = TextCache.build(model.pipe.tokenizer, ["a cup", "a dog", "a cup"]).encode(model.pipe.text_encoder,
                                                                                       bf16=False)
     ids, hidden = text.for_indices(torch.tensor([2, 1]))
@@ -193,7 +201,7 @@ def test_each_method_trains_checkpoints_and_leaves_the_model_unchanged(method, m
     data, extra, site, form, component = CASES[method]
     before = _state(model)
     seen = {}
-    hp = H.defaults(method, "organism", steps=2, batch_size=1, **extra)
+    hp = short(method, steps=2, batch_size=1, **extra)
     r = train(model, style if data == "style" else subject, hp, checkpoint_every=1, seed=1, progress=False,
               callback=lambda step, work: seen.update({step: _probe(work)}) if component else None)
     assert _unchanged(model, before)
@@ -221,8 +229,10 @@ def test_each_method_trains_checkpoints_and_leaves_the_model_unchanged(method, m
     if method == "textual-inversion":  # the row needs the placeholder: tests/test_finetune_io.py
         assert r.delta.sites() == ["text.embed.token"]
         b, a = r.delta.deltas["text.embed.token"]
-        assert b.shape == (49409, 1) and b[49408, 0] == 1 and b.sum() == 1 and a.shape == (1, 128)
-        assert r.info["initializer_token"] == "dog" and r.info["token_ids"] == [49408]
+        n = hp.num_vectors  # the organism's default: 4 vectors of width 128
+        assert b.shape == (49408 + n, n) and torch.equal(b[49408:], torch.eye(n)) and b.sum() == n
+        assert a.shape == (n, 128) and r.info["token_ids"] == list(range(49408, 49408 + n))
+        assert r.info["initializer_token"] == "dog"
         assert set(r.adapter) == {"<sks>"}
 
 
@@ -234,7 +244,7 @@ def test_base_delta_is_the_start_and_grad_hooks_freeze_sites(model, style):
                        {"method": "test-edit"})
     before = _state(model)
     seen = {}
-    hp = H.defaults("full", "organism", steps=1, batch_size=1, weight_decay=0.0)
+    hp = short("full", steps=1, batch_size=1, weight_decay=0.0)
     r = train(model, style, hp, base_delta=base, checkpoint_every=1, progress=False,
               callback=lambda step, work: seen.update(w=work.weight(site).detach().clone()),
               grad_hook=lambda name, grad, param: torch.zeros_like(grad) if name == frozen else grad)
@@ -247,7 +257,7 @@ def test_base_delta_is_the_start_and_grad_hooks_freeze_sites(model, style):
 
 @needs_weights
 def test_resume_gives_the_uninterrupted_run(model, style, tmp_path):
-    hp = H.defaults("lora", "organism", steps=2, batch_size=1, lr=1e-2, target="unet")
+    hp = short("lora", steps=2, batch_size=1, lr=1e-2, target="unet")
     whole = train(model, style, hp, checkpoint_every=1, seed=3, progress=False)
 
     def stop(step, work):
@@ -263,7 +273,7 @@ def test_resume_gives_the_uninterrupted_run(model, style, tmp_path):
         assert torch.allclose(resumed.delta.dense(site), whole.delta.dense(site), atol=1e-7)
         assert torch.allclose(resumed.at(1).dense(site), whole.at(1).dense(site), atol=1e-7)
     with pytest.raises(FadelabError, match="belongs to another run.*lr"):
-        train(model, style, H.defaults("lora", "organism", steps=2, batch_size=1, lr=1e-3, target="unet"),
+        train(model, style, short("lora", steps=2, batch_size=1, lr=1e-3, target="unet"),
               checkpoint_every=1, seed=3, state_dir=tmp_path, progress=False)
 
 
@@ -271,7 +281,7 @@ def test_resume_gives_the_uninterrupted_run(model, style, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model, style, tmp_path):
     before = _state(model)
     calls = {"n": 0}
-    hp = H.defaults("lora", "organism", steps=3, batch_size=1, target="unet")
+    hp = short("lora", steps=3, batch_size=1, target="unet")
     n_params = 2 * sum(1 for path, _ in model.pipe.unet.named_modules()  # lora_A and lora_B per projection
                        if path.endswith(("to_q", "to_k", "to_v", "to_out.0")))
 
@@ -289,6 +299,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model, style, 
     site = "unet.conv_in"
     nan = WeightDelta({site: torch.full(model.weight(site).shape, float("nan"))})
     with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 1 .*checkpoint is none") as e:
-        train(model, style, H.defaults("full", "organism", steps=1, batch_size=1), base_delta=nan, progress=False)
+        train(model, style, short("full", steps=1, batch_size=1), base_delta=nan, progress=False)
     assert e.value.result.steps == [] and e.value.result.delta.sites() == []
     assert _unchanged(model, before)

@@ -19,6 +19,11 @@ from models.organism.sample import generate
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism weights missing")
 
+
+def short(method, **overrides):
+    """The organism's defaults for a run of a few steps: constant learning rate, no warm-up."""
+    return H.defaults(method, "organism", **{"lr_scheduler": "constant", "warmup_steps": 0, **overrides})
+
 PROMPTS, SEEDS, STEPS = ["a red cup on a table", "a chef at night"], [11, 12], 3
 
 
@@ -56,7 +61,7 @@ def images(pipe, prompts=PROMPTS, seeds=SEEDS):
 def test_saved_lora_gives_the_in_memory_images_in_a_stock_pipeline(model, style, tmp_path):
     """LoRA on both components with alpha / r = 2: unfused within one grey level of the merged
     in-memory variant, fused bit for bit."""
-    hp = H.defaults("lora", "organism", steps=2, batch_size=1, target="both", alpha=8.0, lr=1e-2)
+    hp = short("lora", steps=2, batch_size=1, target="both", alpha=8.0, lr=1e-2)
     r = train(model, style, hp, adapter_dir=tmp_path, progress=False)
     assert r.adapter == tmp_path / "pytorch_lora_weights.safetensors" and r.adapter.is_file()
     base = images(model.pipe)
@@ -76,7 +81,7 @@ def test_saved_dora_loads_with_its_magnitude(model, tmp_path):
     dense DoRA delta applied in memory."""
     from finetuning.methods import Lora
 
-    method = Lora(H.defaults("dora", "organism", target="text"))
+    method = Lora(short("dora", target="text"))
     method.prepare(model, None)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -99,16 +104,18 @@ def test_saved_dora_loads_with_its_magnitude(model, tmp_path):
 
 
 def test_textual_inversion_file_loads_and_other_prompts_are_bit_identical(model, subject, tmp_path):
-    hp = H.defaults("textual-inversion", "organism", steps=2, batch_size=1, lr=0.5)
+    hp = short("textual-inversion", steps=2, batch_size=1, lr=0.5)
     r = train(model, subject, hp, adapter_dir=tmp_path, progress=False)
     assert r.adapter == tmp_path / "learned_embeds.safetensors"
     token, embeds = load_textual_inversion(r.adapter)
-    assert token == "<sks>" and embeds.shape == (1, 128)
+    assert token == "<sks>" and embeds.shape == (4, 128)  # the organism's 4 vectors
     prompts, seeds = ["a <sks> cat", *PROMPTS, "a sks cat"], [5, *SEEDS, 5]
     base = images(model.pipe, prompts, seeds)[1:]  # the same batch (a batch's make-up moves float rounding)
     with placeholder(model, token, embeds):
         ours = images(model.pipe, prompts, seeds)
         assert model.pipe.tokenizer.tokenize("a <sks> cat") == ["a</w>", "<sks>", "cat</w>"]
+        # the pipeline expands "<sks>" to "<sks> <sks>_1 <sks>_2 <sks>_3", as diffusers' loader does
+        assert model.pipe.maybe_convert_prompt("a <sks> cat", model.pipe.tokenizer) == "a <sks> <sks>_1 <sks>_2 <sks>_3 cat"
     assert len(model.pipe.tokenizer) == 49408  # restored
     assert np.array_equal(ours[1:], base)  # no other weight moved
     pipe = stock()
@@ -150,3 +157,34 @@ def test_cli_errors_are_one_line(style, capsys):
     assert "rank=0" in capsys.readouterr().err
     assert main(["finetune", "full", "--data", str(style) + "-missing", "--device", "cpu"]) == 2
     assert "no image folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_equal_one_process_with_the_global_batch(style, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on the CPU) with batch 1 per process
+    trains what one process does with batch 2: the same losses, and deltas equal up to float
+    reduction order (amplified a little by Adam's normalisation)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from store import Store
+
+    args = ["finetune", "lora", "--data", str(style), "--set", "target='unet'", "--set", "lr=0.01", "--steps", "2",
+            "--set", "lr_scheduler='constant'", "--set", "warmup_steps=0", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fadelab.cli"]
+    done = subprocess.run(launch + args + ["--set", "batch_size=1", "--out", str(tmp_path / "two"), "--store",
+                                           str(tmp_path / "two.h5")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(args + ["--set", "batch_size=2", "--out", str(tmp_path / "one"), "--store", str(tmp_path / "one.h5")]) == 0
+    two, one = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("two", "one"))
+    assert two["info"]["processes"] == 2 and one["info"]["processes"] == 1
+    assert np.allclose(two["loss"], one["loss"], rtol=1e-5)
+    with Store.open(tmp_path / "two.h5", "r") as a, Store.open(tmp_path / "one.h5", "r") as b:
+        for site in b.sites("M_ft/lora"):
+            da, db = a.read_delta("M_ft/lora", site, dense=True), b.read_delta("M_ft/lora", site, dense=True)
+            assert (da - db).abs().max() <= 1e-2 * db.abs().max() + 1e-7, site
