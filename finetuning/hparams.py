@@ -22,9 +22,7 @@ each in docs/finetuning.md.
 from __future__ import annotations
 
 import dataclasses
-import json
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -325,24 +323,17 @@ def defaults(method: str, family: str | None = None, **overrides: Any) -> TrainH
 
 
 def _build(cls: type[TrainHParams], values: dict[str, Any]) -> TrainHParams:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise FadelabError(f"{cls.method} hparams have no field {unknown[0]!r}; fields are {', '.join(sorted(known))}")
-    return cls(**values)
+    from models.configfile import config_from
+
+    return config_from(cls, values, f"{cls.method} hparams")
 
 
 def load(path: Path | str, family: str | None = None) -> TrainHParams:
-    """Hparams from a TOML or JSON file: `method = "lora"` plus any fields; the rest are the
-    family's defaults (see `defaults`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FadelabError(f"no hparams file at {path}")
-    text = path.read_text()
-    try:
-        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise FadelabError(f"cannot parse hparams file {path}: {e}") from None
+    """Hparams from a TOML or JSON file (models.configfile.read_config): `method = "lora"` plus any
+    fields; the rest are the family's defaults (see `defaults`)."""
+    from models.configfile import read_config
+
+    values = dict(read_config(path))
     method = values.pop("method", None)
     if method is None:
         raise FadelabError(f"hparams file {path} has no 'method' key; accepted are {', '.join(METHODS)}")
