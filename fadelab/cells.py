@@ -49,7 +49,13 @@ class Context:
             if weights == "default":
                 weights = "hub"
             kw = {"scale": self.exp.scale} if weights == "random" else {}
+            if self.exp.dtype != "float32":
+                import torch
+
+                kw["dtype"] = getattr(torch, self.exp.dtype)
             self._model = load(self.exp.family, weights, device=self.device, seed=self.exp.seed, **kw)
+            if self.exp.image_size:
+                set_image_size(self._model, self.exp.image_size)
         return self._model
 
     def cache(self, key: str, make):
@@ -57,6 +63,20 @@ class Context:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+
+def set_image_size(model, pixels: int) -> None:
+    """Make `pixels` the default image size of every pipeline call on `model` (generation,
+    UCE debias rounds, DreamBooth class images, the fine-tuning resolution): the UNet's
+    sample_size in latents, and the pipeline's default_sample_size where it keeps one (SDXL,
+    FLUX)."""
+    pipe = model.pipe
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    if getattr(pipe, "unet", None) is not None:
+        pipe.unet.register_to_config(sample_size=max(1, pixels // factor))
+    if hasattr(pipe, "default_sample_size"):
+        # FLUX packs 2 x 2 latent patches: height = default_sample_size * vae_scale_factor
+        pipe.default_sample_size = max(2, pixels // factor)
 
 
 # -- deltas in the store ---------------------------------------------------------------------------
@@ -106,7 +126,9 @@ def edit_of(ctx: Context, edit_id: str):
     if cell_done(path, owner):
         with Store.open(path, "r") as st:
             delta = load_delta(st, owner.variant)
-            keys = st.edit_keys(edit_id)
+            keys = st.edit_keys(edit_id)  # shared keys; per-site ones in EditResult's layout:
+            for site in delta.sites():
+                keys.update({f"{name}:{site}": v for name, v in st.edit_keys(edit_id, site).items()})
         ctx._cache[key] = (delta, keys)
     else:
         result = _compute_edit(ctx, ctx.exp.edit(edit_id))

@@ -51,21 +51,23 @@ def cmd_run(args) -> int:
     out = Path(args.out)
     device = _device(args.device)
     parse_shard(args.shard)
-    load_experiment(args.config)  # bad configs fail here, before any process starts
+    smoke = True if args.smoke else None
+    load_experiment(args.config, smoke=smoke)  # bad configs fail here, before any process starts
     if args.launcher == "slurm":
         runner.run_slurm(args.config, out, args.jobs, device, cluster=args.cluster,
-                         slurm={"slurm_partition": args.partition} if args.partition else None)
+                         slurm={"slurm_partition": args.partition} if args.partition else None,
+                         smoke=smoke)
     elif args.jobs > 1:
-        runner.run_local_jobs(args.config, out, args.jobs, device)
+        runner.run_local_jobs(args.config, out, args.jobs, device, smoke=smoke)
     else:
         summary = runner.run_cells(args.config, out, shard=args.shard, device=device,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, smoke=smoke)
         if args.shard is not None or args.no_report:
             print(json.dumps(summary))
             return 0
     if args.no_report:
         return 0
-    store = merge(load_experiment(args.config), out)
+    store = merge(load_experiment(args.config, smoke=smoke), out)
     from analysis.report import write_report
 
     report = write_report(store, out)
@@ -176,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--partition", default=None, help="Slurm partition for --launcher slurm")
     r.add_argument("--no-report", action="store_true", help="run cells only; no merge, no report")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--smoke", action="store_true",
+                   help="apply the config's [smoke] table: random weights, tiny sizes, few steps "
+                        "(proves the grid executes; numbers mean nothing)")
     r.set_defaults(func=cmd_run)
 
     g = sub.add_parser("generate", help="generate images for prompts x seeds",

@@ -1,7 +1,9 @@
 """The experiment grid: a TOML config becomes independent cells with stable ids and own stores.
 
 What it offers:
-    Experiment, load_experiment(path)   the parsed config (frozen); bad input -> FadelabError
+    Experiment, load_experiment(path, smoke=None)   the parsed config (frozen); bad input ->
+                                         FadelabError; smoke=True applies the config's [smoke]
+                                         table (random weights, tiny sizes: proves the grid runs)
     Cell, cells(exp)                     every unit of work, ordered so dependencies come first
     parse_shard("i/n"), shard(cells, i, n)   one slice of the grid for one process or array task
     cell_path(out, cell), cell_done(path)     where a cell writes, and whether it finished
@@ -31,7 +33,7 @@ import json
 import logging
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,15 @@ log = logging.getLogger(__name__)
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 EDIT_METHODS = ("uce-erase", "uce-moderate", "uce-replace", "uce-debias", "refact")
 FINETUNE_METHODS = ("full", "lora", "dora", "dreambooth", "textual-inversion")
-SECTIONS = ("experiment", "samples", "edit", "finetune", "ablation", "probes", "report")
+SECTIONS = ("experiment", "samples", "generation", "judges", "data", "edit", "finetune", "ablation",
+            "probes", "report", "smoke")
+#: what a [smoke] table may hold: [experiment] keys, tables merged into their sections, and
+#: [smoke.hparams.<method>] merged into the hparams of every edit / fine-tune of that method
+SMOKE_HEAD = ("weights", "scale", "image_size", "dtype")
+#: [smoke] edits = [ids], finetunes = [ids]: run only these (after the rank ablation's expansion);
+#: finetunes = [] leaves base and edit cells (families the fine-tuning loop does not train yet)
+SMOKE_SELECT = ("edits", "finetunes")
+SMOKE_TABLES = ("samples", "generation", "judges", "data", "probes", "ablation", "hparams")
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,15 @@ class Experiment:
         finetunes: the [[finetune]] tables after the rank ablation is expanded.
         probes, report: their sections, passed to the probes and the report as they are.
         text: the config's text, recorded in every store.
+        generation: [generation] sampling settings of the evaluation (steps, guidance_scale,
+            batch_size, height, width; probes.behaviour.GenerationConfig).
+        judges: [judges] which judges label images on real families (fadelab.plan.make_judges).
+        data: [data] named data folders: benchmarks (RoAD, profession prompts, I2P, COCO) and
+            the fine-tuning sets that [[finetune]] tables name in `data`.
+        image_size: pixels of every image the pipeline makes by default (None: the family's);
+            smoke runs set it small.
+        dtype: "float32" (default) or "bfloat16"/"float16" for the loaded model.
+        folder: the config file's folder (relative data paths also resolve against its parent).
     """
 
     name: str
@@ -76,6 +95,12 @@ class Experiment:
     probes: dict
     report: dict
     text: str
+    generation: dict = field(default_factory=dict)
+    judges: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    image_size: int | None = None
+    dtype: str = "float32"
+    folder: str = "."
 
     def edit(self, edit_id: str) -> dict:
         return _by_id(self.edits, edit_id, "edit")
@@ -140,11 +165,56 @@ def _expand_ranks(finetunes: list[dict], ablation: dict, source: str) -> list[di
     return out
 
 
-def load_experiment(path: str | os.PathLike | None = None) -> Experiment:
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _apply_smoke(raw: dict, source: str) -> dict:
+    """The config with its [smoke] table applied (see SMOKE_HEAD, SMOKE_TABLES)."""
+    smoke = raw.get("smoke", {})
+    accepted = SMOKE_HEAD + SMOKE_SELECT + SMOKE_TABLES
+    unknown = sorted(set(smoke) - set(accepted))
+    if unknown:
+        raise FadelabError(f"{source}: [smoke] key(s) {unknown}; accepted: {list(accepted)}")
+    raw = copy.deepcopy(raw)
+    head = raw.setdefault("experiment", {})
+    head["smoke"] = True
+    for key in SMOKE_HEAD:
+        if key in smoke:
+            head[key] = smoke[key]
+    for key in ("samples", "generation", "judges", "data", "probes", "ablation"):
+        if key in smoke:
+            raw[key] = _merge(raw.get(key, {}), smoke[key])
+    by_method = smoke.get("hparams", {})
+    for section in ("edit", "finetune"):
+        tables = raw.get(section, [])
+        for table in tables if isinstance(tables, list) else [tables]:
+            if table.get("method") in by_method:
+                table["hparams"] = _merge(table.get("hparams", {}), by_method[table["method"]])
+    return raw
+
+
+def _select(tables: list[dict], ids, what: str, source: str) -> list[dict]:
+    if ids is None:
+        return tables
+    known = [t["id"] for t in tables]
+    if not isinstance(ids, list) or any(i not in known for i in ids):
+        raise FadelabError(f"{source}: [smoke] {what} = {ids!r}: give a list of ids among {known}")
+    return [t for t in tables if t["id"] in ids]
+
+
+def load_experiment(path: str | os.PathLike | None = None, smoke: bool | None = None) -> Experiment:
     """Parse an experiment config (default experiments/organism.toml).
 
-    A bare name such as "sd14" means experiments/sd14.toml. Raises FadelabError naming the file
-    and the bad value for unknown sections, methods, duplicate ids or a wrong type.
+    A bare name such as "sd14" means experiments/sd14.toml. smoke=True (or `smoke = true` in
+    [experiment]) applies the config's [smoke] table: [experiment] keys (weights, scale,
+    image_size, dtype), tables merged into [samples], [generation], [judges], [data], [probes],
+    [ablation], [smoke.hparams.<method>] merged into every edit's and fine-tune's hparams of
+    that method, and edits / finetunes = [ids] keeping only those tables. Raises FadelabError naming the file and the bad value for unknown sections,
+    methods, duplicate ids or a wrong type.
     """
     if path is None:
         path = EXPERIMENTS_DIR / "organism.toml"
@@ -162,21 +232,33 @@ def load_experiment(path: str | os.PathLike | None = None) -> Experiment:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise FadelabError(f"{path}: unknown section(s) {unknown}; accepted: {list(SECTIONS)}")
+    if smoke or (smoke is None and bool(raw.get("experiment", {}).get("smoke", False))):
+        raw = _apply_smoke(raw, str(path))
     head = raw.get("experiment", {})
     try:
         scale = float(head.get("scale", 1.0))
         seed = int(head.get("seed", 0))
+        image_size = None if head.get("image_size") is None else int(head["image_size"])
     except (TypeError, ValueError):
-        raise FadelabError(f"{path}: [experiment] scale and seed must be numbers") from None
+        raise FadelabError(f"{path}: [experiment] scale, seed and image_size must be numbers") from None
+    dtype = str(head.get("dtype", "float32"))
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise FadelabError(f"{path}: [experiment] dtype = {dtype!r}; accepted: float32, bfloat16, float16")
     edits = _tables(raw, "edit", EDIT_METHODS, str(path))
     finetunes = _expand_ranks(_tables(raw, "finetune", FINETUNE_METHODS, str(path)),
                               raw.get("ablation", {}), str(path))
+    if head.get("smoke"):
+        edits = _select(edits, raw.get("smoke", {}).get("edits"), "edits", str(path))
+        finetunes = _select(finetunes, raw.get("smoke", {}).get("finetunes"), "finetunes", str(path))
     return Experiment(
         name=_check_id(head.get("name", path.stem), f"{path}: [experiment] name"),
         family=str(head.get("family", "organism")), weights=str(head.get("weights", "default")),
         scale=scale, seed=seed, smoke=bool(head.get("smoke", False)),
         samples=dict(raw.get("samples", {})), edits=tuple(edits), finetunes=tuple(finetunes),
-        probes=dict(raw.get("probes", {})), report=dict(raw.get("report", {})), text=text)
+        probes=dict(raw.get("probes", {})), report=dict(raw.get("report", {})), text=text,
+        generation=dict(raw.get("generation", {})), judges=dict(raw.get("judges", {})),
+        data=dict(raw.get("data", {})), image_size=image_size, dtype=dtype,
+        folder=str(path.resolve().parent))
 
 
 @dataclass(frozen=True)
@@ -205,6 +287,12 @@ def _cell_id(exp: Experiment, kind: str, edit: str | None, ft: str | None) -> st
                 "smoke": exp.smoke, "samples": exp.samples, "probes": exp.probes,
                 "edit": exp.edit(edit) if edit else None, "finetune": exp.finetune(ft) if ft else None,
                 "kind": kind}
+    for key in ("generation", "judges", "data"):  # only when set: organism ids stay as they were
+        if getattr(exp, key):
+            decisive[key] = getattr(exp, key)
+    for key, default in (("image_size", None), ("dtype", "float32")):
+        if getattr(exp, key) != default:
+            decisive[key] = getattr(exp, key)
     digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:8]
     return f"{kind}.{edit or '-'}.{ft or '-'}.{digest}"
 

@@ -8,7 +8,17 @@ What it offers (called by fadelab.cells.run_cell, one per cell kind):
                                         weight probes (final and along checkpoints); neuron
                                         probes; causal runs (project-out, order swap, re-edit)
     compute_edit(ctx, table)            an [[edit]] table -> EditResult on the current weights
-    suites_for(ctx, edit_ids)           the behavioural suites an edit is judged on
+    suites_for(ctx, edit_ids)           the behavioural suites an edit is judged on (the organism's
+                                        own sets, or the benchmark files for real families)
+    make_judges(ctx)                    the judges of a run ([judges] for real families)
+
+Real families (sd14, sdxl, flux-schnell, a folder) read their suites from the benchmark files
+in [data] benchmarks (or $FADELAB_BENCHMARKS): RoAD, profession prompts, I2P, COCO. Their
+judges come from [judges] use = [...]: clip-organism (no download; a stand-in that only proves
+execution), open-clip (open_clip_model, open_clip_weights), nudenet, safety-checker
+(safety_checker folder); inception_weights adds FID. ReFACT's second moments C come from
+[samples] refact_stats_prompts COCO captions (ReFACT used Wikitext; COCO stands in offline).
+The UCE debias asks the first judge that answers the gender task.
 
 Variants are deltas on the one base model (models.apply_delta); counterfactual variants get
 their own names so the store keeps them apart:
@@ -19,13 +29,23 @@ their own names so the store keeps them apart:
 
 The organism's style share (oracle's style head on content prompts) is stored per variant as
 `style.ink_share:oracle`, the check that a fine-tune took.
+
+Neuron probes ([probes] neurons = true) in every edit x fine-tune cell, under
+probes/neurons/<edit>/<finetune> (metric, neuron) and probes/neurons_test/<edit>/<finetune>
+(stat): the edit's units (UCE: the K/V output channels of its most-moved cross-attention site;
+ReFACT: the fc2-input neurons of its edited text layer), their polysemanticity over a concept-
+labelled prompt set (organism catalog or benchmark prompts by source, plus the fine-tuning
+captions labelled "ft"), the edit neurons (probes.neurons), how their activations move from
+M_ed to M_ed_ft on the edit's own prompts, and the shared-fade test.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,33 +57,104 @@ log = logging.getLogger(__name__)
 
 # -- edits -----------------------------------------------------------------------------------------
 
-def _road_row(table: dict) -> dict:
-    from models.organism.prompts import road_requests
+def _organism(ctx) -> bool:
+    return ctx.exp.family == "organism"
 
-    rows = [r for r in road_requests() if r["Type"] == table.get("type", "Appearance")]
+
+def data_path(ctx, spec: str) -> Path:
+    """A path from the config: absolute, else relative to the working folder, the config's
+    repository (the parent of experiments/) or the config's folder, first that exists."""
+    path = Path(os.path.expanduser(str(spec)))
+    if path.is_absolute():
+        return path
+    folder = Path(ctx.exp.folder)
+    for base in (Path.cwd(), folder.parent, folder):
+        if (base / path).exists():
+            return base / path
+    return path
+
+
+def benchmarks(ctx) -> Path:
+    """The folder of the benchmark files: $FADELAB_BENCHMARKS, else [data] benchmarks."""
+    spec = os.environ.get("FADELAB_BENCHMARKS") or ctx.exp.data.get("benchmarks")
+    if not spec:
+        raise FadelabError(f"family {ctx.exp.family!r} reads its suites from the benchmark files: set "
+                           "[data] benchmarks = 'DIR' (RoAD_test.csv, profession_prompts.csv, "
+                           "unsafe-prompts4703.csv, coco_30k.csv) or FADELAB_BENCHMARKS=DIR")
+    path = data_path(ctx, spec)
+    if not path.is_dir():
+        raise FadelabError(f"benchmark folder {spec!r} does not exist (looked in {Path.cwd()} and "
+                           f"{Path(ctx.exp.folder).parent}); set [data] benchmarks or FADELAB_BENCHMARKS")
+    return path
+
+
+def _road_row(ctx, table: dict) -> dict:
+    """The edit's RoAD row: the organism's requests, or the benchmark's RoAD file
+    ([[edit]] file = name in the benchmark folder, default RoAD_test.csv), by type and index."""
+    if _organism(ctx):
+        from models.organism.prompts import road_requests
+
+        rows, where = road_requests(), "organism RoAD request"
+    else:
+        from probes.behaviour.benchmarks import FILES, read_road
+
+        rows = read_road(benchmarks(ctx) / table.get("file", FILES["road"]))
+        where = "RoAD row"
+    rows = [r for r in rows if r["Type"] == table.get("type", "Appearance")]
     k = int(table.get("index", 0))
     if not rows or not 0 <= k < len(rows):
-        raise FadelabError(f"edit {table['id']}: no organism RoAD request of type "
+        raise FadelabError(f"edit {table['id']}: no {where} of type "
                            f"{table.get('type')!r} at index {k} ({len(rows)} of that type)")
     return rows[k]
 
 
 def _judge_flags(ctx):
-    """The debias judge: images -> female flags (1, 0, NaN), from the oracle."""
+    """The debias judge: images -> female flags (1, 0, NaN), from the oracle on the organism,
+    else from the first of the run's judges that answers the gender task."""
     def make():
-        from probes.behaviour.judges import OracleJudge
+        if _organism(ctx):
+            from probes.behaviour.judges import OracleJudge
 
-        oracle = OracleJudge(device=ctx.device)
+            oracle = OracleJudge(device=ctx.device)
+
+            def judge(images: np.ndarray) -> np.ndarray:
+                genders = oracle.read(images)["gender"]
+                return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan) for g in genders])
+            return judge
+        gender = next((j for j in make_judges(ctx) if "gender" in j.tasks), None)
+        if gender is None:
+            raise FadelabError("uce-debias needs a judge with the gender task: add a CLIP judge to "
+                               "[judges] use (open-clip or clip-organism)")
 
         def judge(images: np.ndarray) -> np.ndarray:
-            genders = oracle.read(images)["gender"]
-            return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan) for g in genders])
+            labels = gender.judge("gender", images, [{}] * len(images)).labels
+            return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan) for g in labels])
         return judge
     return ctx.cache("judge:debias", make)
 
 
-def compute_edit(ctx, table: dict):
-    """Run the [[edit]] table's method on ctx.model's current weights; returns an EditResult."""
+def _refact_stats(ctx, h, fresh: bool = False):
+    """ReFACT's C per edited site on a real family: the second moment over [samples]
+    refact_stats_prompts COCO captions (default 1000) on the current weights; memoised for the
+    base weights (fresh=True recomputes, for edits on fine-tuned weights)."""
+    if _organism(ctx):
+        return None  # editing.refact computes C from the organism's own captions
+
+    def make():
+        from editing import second_moment
+        from editing.refact import edit_sites
+        from probes.behaviour.benchmarks import FILES, read_coco
+
+        n = int(ctx.exp.samples.get("refact_stats_prompts", 1000))
+        texts = [r["prompt"] for r in read_coco(benchmarks(ctx) / FILES["quality"], n, seed=ctx.exp.seed)]
+        return {site: second_moment(ctx.model, site, texts) for site in edit_sites(ctx.model, h)}
+    return make() if fresh else ctx.cache(f"refact_stats:{h.layer}:{h.layer_2}", make)
+
+
+def compute_edit(ctx, table: dict, fresh_stats: bool = False):
+    """Run the [[edit]] table's method on ctx.model's current weights; returns an EditResult.
+    fresh_stats: ReFACT on a real family recomputes C on the current weights (order swap,
+    re-edit) instead of the base model's memoised C."""
     import editing
     from editing import hparams as H
 
@@ -86,7 +177,7 @@ def compute_edit(ctx, table: dict):
     if method == "uce-debias":
         h = H.load_hparams(H.DebiasHparams, hp)
         professions = table.get("professions", [])
-        if ctx.exp.family == "organism" and not preserve:
+        if _organism(ctx) and not preserve:
             preserve = editing.organism_profession_preserve(professions)
         return editing.uce_debias(model, professions, _judge_flags(ctx), h, preserve=preserve,
                                   progress=ctx.progress)
@@ -94,7 +185,8 @@ def compute_edit(ctx, table: dict):
         from editing.refact import request_from_road
 
         h = H.load_hparams(H.ReFACTHparams, hp)
-        return editing.refact(model, request_from_road(_road_row(table)), h)
+        return editing.refact(model, request_from_road(_road_row(ctx, table)), h,
+                              stats=_refact_stats(ctx, h, fresh_stats))
     raise FadelabError(f"edit {table['id']}: method {method!r} has no runner")
 
 
@@ -124,12 +216,13 @@ def _sizes(ctx):
 
 def suites_for(ctx, edit_ids: list[str], quality: bool = True) -> list:
     """The suites that judge the given edits (debias: professions; erase: unsafe prompts;
-    ReFACT: its request's RoAD rows), plus the quality suite (CLIP score, Frechet distance, style)."""
-    from probes.behaviour import organism_suites
+    ReFACT: its request's RoAD rows), plus the quality suite (CLIP score, Frechet distance, style).
+    The organism's own prompt sets, or the benchmark files for real families."""
+    from dataclasses import replace
 
-    if ctx.exp.family != "organism":
-        raise FadelabError(f"family {ctx.exp.family!r}: the grid's suites are built for the organism "
-                           "here; real families run their smoke configs (fadelab run sd14 --smoke)")
+    from probes.behaviour import benchmark_suites, organism_suites
+    from probes.behaviour.suites import road_suite
+
     sizes = _sizes(ctx)
     tables = [ctx.exp.edit(e) for e in edit_ids]
     kinds, rows, professions = [], [], []
@@ -141,41 +234,90 @@ def suites_for(ctx, edit_ids: list[str], quality: bool = True) -> list:
             kinds.append("unsafe")
         elif t["method"] == "refact":
             kinds.append("road")
-            rows.append(_road_row(t))
+            rows.append(_road_row(ctx, t))
     if professions:
-        from dataclasses import replace
-
         sizes = replace(sizes, professions=tuple(dict.fromkeys(professions)))
     if quality:
         kinds.append("quality")
     kinds = list(dict.fromkeys(kinds))
-    return organism_suites(sizes, road_rows=rows or None, kinds=kinds, seed=ctx.exp.seed)
+    if _organism(ctx):
+        return organism_suites(sizes, road_rows=rows or None, kinds=kinds, seed=ctx.exp.seed)
+    out = []
+    for kind in kinds:  # the organism's order: road, profession, unsafe, quality as listed
+        if kind == "road":
+            out.append(road_suite(rows, sizes.road_seeds))
+        else:
+            out += benchmark_suites(benchmarks(ctx), sizes, kinds=[kind], seed=ctx.exp.seed)
+    return out
 
 
-def _judges(ctx) -> list:
+JUDGES = ("oracle", "clip-organism", "open-clip", "nudenet", "safety-checker")
+
+
+def make_judges(ctx) -> list:
+    """The run's judges: oracle and the organism's CLIP on the organism; on real families the
+    names in [judges] use (default open-clip), built from the [judges] table's settings."""
     def make():
-        from probes.behaviour import OracleJudge, OrganismClipJudge
+        from probes.behaviour import judges as J
 
-        return [OracleJudge(device=ctx.device), OrganismClipJudge(device=ctx.device)]
+        if _organism(ctx):
+            return [J.OracleJudge(device=ctx.device), J.OrganismClipJudge(device=ctx.device)]
+        cfg = ctx.exp.judges
+        out = []
+        for name in cfg.get("use", ["open-clip"]):
+            if name == "clip-organism":
+                out.append(J.OrganismClipJudge(device=ctx.device))
+            elif name == "open-clip":
+                weights = cfg.get("open_clip_weights")
+                out.append(J.OpenClipJudge(cfg.get("open_clip_model", "ViT-L-14"),
+                                           data_path(ctx, weights) if weights else None,
+                                           device=ctx.device, option="[judges] open_clip_weights"))
+            elif name == "nudenet":
+                out.append(J.NudeNetJudge(threshold=float(cfg.get("nudenet_threshold", 0.6))))
+            elif name == "safety-checker":
+                folder = cfg.get("safety_checker")
+                out.append(J.SafetyCheckerJudge(data_path(ctx, folder) if folder else None,
+                                                device=ctx.device, option="[judges] safety_checker"))
+            else:
+                raise FadelabError(f"[judges] use: {name!r} is not one of {', '.join(JUDGES[1:])} "
+                                   "(the oracle reads the organism only)")
+        return out
     return ctx.cache("judges", make)
+
+
+def _features(ctx) -> list:
+    def make():
+        feats = [j for j in make_judges(ctx) if hasattr(j, "fd_name")]
+        weights = ctx.exp.judges.get("inception_weights")
+        if weights and not _organism(ctx):
+            from probes.behaviour.judges import InceptionFeatures
+
+            feats.append(InceptionFeatures(data_path(ctx, weights), device=ctx.device,
+                                           option="[judges] inception_weights"))
+        return feats
+    return ctx.cache("features", make)
+
+
+_judges = make_judges
 
 
 def _eval_config(ctx):
     from probes.behaviour import EvalConfig
 
     s = ctx.exp.samples
+    from probes.behaviour import GenerationConfig
+
     return EvalConfig(sizes=_sizes(ctx), n_boot=int(s.get("bootstrap", 1000)),
                       fd_boot=int(s.get("fd_bootstrap", 50)), seed=ctx.exp.seed,
-                      drift_n=int(s.get("drift_n", 0)), progress=ctx.progress)
+                      drift_n=int(s.get("drift_n", 0)), progress=ctx.progress,
+                      generation=GenerationConfig(**ctx.exp.generation))
 
 
 def _evaluate(ctx, st, variants: dict, suites, pairs=None):
     from probes.behaviour import evaluate
 
-    judges = _judges(ctx)
-    features = [j for j in judges if hasattr(j, "fd_name")]
-    res = evaluate(ctx.model, variants, suites, judges, st, _eval_config(ctx), features=features,
-                   pairs=pairs, drift={})
+    res = evaluate(ctx.model, variants, suites, make_judges(ctx), st, _eval_config(ctx),
+                   features=_features(ctx), pairs=pairs, drift={})
     _style_shares(ctx, st, list(variants), suites)
     return res
 
@@ -185,7 +327,7 @@ def _style_shares(ctx, st, variants: list[str], suites) -> None:
     from probes.behaviour.bootstrap import bootstrap_ci
 
     quality = [s for s in suites if s.kind == "quality"]
-    if not quality:
+    if not quality or not _organism(ctx):
         return
     oracle = _judges(ctx)[0]
     for v in variants:
@@ -202,11 +344,12 @@ def _style_shares(ctx, st, variants: list[str], suites) -> None:
 # -- fine-tunes ------------------------------------------------------------------------------------
 
 def _dataset(ctx, spec: str):
-    """"organism:style" / "organism:dreambooth" (written once per output folder) or a folder."""
-    from pathlib import Path
-
+    """"organism:style" / "organism:dreambooth" (written once per output folder), a name from
+    [data] (its value is one of these), or a folder (imagefolder with metadata.jsonl)."""
     from models.organism import data as D
 
+    if spec in ctx.exp.data and spec != "benchmarks":
+        spec = str(ctx.exp.data[spec])
     if spec.startswith("organism:"):
         kind = spec.split(":", 1)[1]
         folder = ctx.out / "data" / kind
@@ -221,9 +364,10 @@ def _dataset(ctx, spec: str):
                 raise FadelabError(f"data {spec!r}: organism data are style or dreambooth")
             (folder / ".done").write_text("ok")
         return _dreambooth_subject(folder) if kind == "dreambooth" else folder
-    path = Path(spec)
+    path = data_path(ctx, spec)
     if not path.exists():
-        raise FadelabError(f"data {spec!r}: no such folder (or use organism:style, organism:dreambooth)")
+        raise FadelabError(f"data {spec!r}: no such folder (an imagefolder with metadata.jsonl; or "
+                           "organism:style, organism:dreambooth)")
     return path
 
 
@@ -309,7 +453,7 @@ def edit_finetune_cell(ctx, cell, st) -> None:
         from models import apply_delta
 
         with apply_delta(ctx.model, ft.delta):
-            swapped = compute_edit(ctx, edit_table)
+            swapped = compute_edit(ctx, edit_table, fresh_stats=True)
         variants[f"M_swap/{tail}"] = ft.delta + swapped.delta
         pairs.append((ed_name, f"M_swap/{tail}"))
     if "re-edit" in causal:
@@ -317,16 +461,19 @@ def edit_finetune_cell(ctx, cell, st) -> None:
 
         t1 = time.time()
         with apply_delta(ctx.model, d_ed + ft.delta):
-            again = compute_edit(ctx, edit_table)
+            again = compute_edit(ctx, edit_table, fresh_stats=True)
         cost = time.time() - t1
         variants[f"M_reed/{tail}"] = d_ed + ft.delta + again.delta
         pairs.append((ed_name, f"M_reed/{tail}"))
         st.require_metric(f"M_reed/{tail}", "cost.reedit_seconds", cost, attrs={"kind": "cost"})
         st.require_metric(f"M_reed/{tail}", "cost.reedit_rel_norm",
                           _rel_norm(again.delta, d_ed), attrs={"kind": "cost"})
-    _evaluate(ctx, st, variants, suites_for(ctx, [cell.edit]), pairs=pairs)
+    suites = suites_for(ctx, [cell.edit])
+    _evaluate(ctx, st, variants, suites, pairs=pairs)
     if ctx.exp.probes.get("weights", True):
         _weight_probes(ctx, st, cell, d_ed, keys, ft)
+    if ctx.exp.probes.get("neurons", False):
+        _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, table)
 
 
 def _rel_norm(a, b) -> float:
@@ -359,6 +506,170 @@ def _weight_probes(ctx, st, cell, d_ed, keys, ft) -> None:
         st.require_array(f"probes/weights_steps/{cell.edit}/{cell.finetune}", arr.astype(np.float64), dims=["step", "metric", "site"],
                          attrs={"step": [int(s) for s in steps["step"].values], "metric": names,
                                 "site": list(steps["site"].values)})
+
+
+# -- neuron probes ---------------------------------------------------------------------------------
+
+#: rows of probes/neurons/<edit>/<finetune> (metric, neuron)
+NEURON_METRICS = ("edit_weight", "is_edit", "is_feature", "mean_a", "mean_b", "shift", "cohen_d",
+                  "rel_change", "retention", "fade", "n_concepts", "selectivity", "n_eff", "n_eff_rel",
+                  "n_probe_concepts")
+#: entries of probes/neurons_test/<edit>/<finetune> (stat): probes.neurons.shared_fade_test
+FADE_STATS = ("effect", "ci_low", "ci_high", "p_value", "cohen_d", "n_shared", "n_other",
+              "mean_shared", "mean_other", "n_edit", "n_feature", "fade_edit", "fade_all")
+
+
+def _keys_at(keys: dict, site: str) -> dict:
+    """The keys of one site (shared ones included) from the flat "<name>:<site>" layout."""
+    return {full.partition(":")[0]: v for full, v in keys.items() if full.partition(":")[2] in ("", site)}
+
+
+def _neuron_units(ctx, method: str, d_ed, keys: dict, top: int):
+    """(site, ref_is_M, edit neuron indices, their weights), or None when the family has no
+    readable units for this edit. ReFACT: the fc2-input neurons of its edited layer (the first
+    text encoder's), weights |u_j|^2; the edit sits downstream of them, so their fade is taken
+    against 0 (how much fine-tuning moved them), not against M. UCE: the output channels of its
+    most-moved cross-attention K/V site, weights |row j of dW c_e^T|^2, fade against M."""
+    from probes import neurons as pn
+
+    if method == "refact":
+        sites = sorted(s for s in d_ed.sites() if s.startswith("text.mlp."))
+        if not sites:
+            return None
+        idx, w = pn.refact_edit_neurons(_keys_at(keys, sites[0]), top=top)
+        return sites[0], False, idx, w
+    if len(ctx.model.text_encoders) != 1:
+        return None  # K/V channels need one text encoder (probes.neurons_collect)
+    kv = [s for s in d_ed.sites() if s.startswith("unet.xattn.") and s.endswith((".to_k", ".to_v"))]
+    if not kv:
+        return None
+    site = max(kv, key=d_ed.norm)
+    idx, w = pn.delta_channels(d_ed.deltas[site], _keys_at(keys, site).get("c_e"), top=top)
+    return site, True, idx, w
+
+
+def _captions(folder, n: int) -> list[str]:
+    """Up to n captions ("text") of an imagefolder's metadata.jsonl."""
+    out = []
+    path = Path(folder) / "metadata.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                text = json.loads(line).get("text")
+                if text:
+                    out.append(str(text))
+            if len(out) >= n:
+                break
+    return out
+
+
+def _concept_prompts(ctx, n: int) -> tuple[list[str], list[set[str]]]:
+    """n concept-labelled prompts: the organism's catalog (probes.neurons_collect), or on real
+    families benchmark prompts labelled by source: profession:<p>, unsafe and i2p:<category>,
+    road:<type>, coco."""
+    if _organism(ctx):
+        from probes.neurons_collect import catalog_prompts
+
+        prompts, concepts, _ = catalog_prompts(n, seed=ctx.exp.seed)
+        return prompts, concepts
+    from probes.behaviour import SampleSizes
+    from probes.behaviour.benchmarks import FILES, read_coco, read_i2p, read_professions, read_road
+
+    folder, per = benchmarks(ctx), max(2, n // 4)
+    profs = list(SampleSizes().professions)
+    prompts, concepts = [], []
+    ps, _, owners = read_professions(folder / FILES["profession"], profs, max(1, per // len(profs)))
+    prompts += ps
+    concepts += [{"profession", f"profession:{p}"} for p in owners]
+    for r in read_i2p(folder / FILES["unsafe"], per, ctx.exp.seed):
+        prompts.append(r["prompt"])
+        concepts.append({"unsafe"} | {f"i2p:{c.strip()}" for c in r.get("categories", "").split(",") if c.strip()})
+    for r in read_road(folder / FILES["road"])[:per]:
+        prompts.append(r["Prompt"])
+        concepts.append({"road", f"road:{r['Type'].lower()}"})
+    for r in read_coco(folder / FILES["quality"], per, seed=ctx.exp.seed):
+        prompts.append(r["prompt"])
+        concepts.append({"coco"})
+    return prompts, concepts
+
+
+def _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, ft_table) -> None:
+    """probes.neurons on the edit's units; see the module doc. [probes] settings:
+    neuron_top (edit neurons, 32), neuron_prompts (edit prompts for the fade, 32),
+    neuron_concept_prompts (concept-labelled prompts, 120), neuron_ft_prompts (fine-tuning
+    captions labelled "ft", 40), neuron_position ("mean"), neuron_sparse_probes (true),
+    neuron_feature_by ("z": feature neurons respond to "ft" with z >= 3), neuron_resamples (999)."""
+    from contextlib import nullcontext
+
+    from models import apply_delta
+    from probes import neurons as pn
+    from probes.neurons_collect import text_activations
+
+    cfg = ctx.exp.probes
+    method = ctx.exp.edit(cell.edit)["method"]
+    units = _neuron_units(ctx, method, d_ed, keys, int(cfg.get("neuron_top", 32)))
+    if units is None:
+        log.info("neuron probes: no readable units for %s on %s; skipped", method, ctx.exp.family)
+        return
+    site, ref_is_m, edit_idx, edit_w = units
+    position = cfg.get("neuron_position", "mean")
+    edit_prompts = list(dict.fromkeys(p for s in suites if s.kind != "quality" for p in s.prompts))
+    edit_prompts = edit_prompts[:int(cfg.get("neuron_prompts", 32))]
+    c_prompts, c_labels = _concept_prompts(ctx, int(cfg.get("neuron_concept_prompts", 120)))
+    ft_caps = _captions(_dataset(ctx, ft_table.get("data", "organism:style")), int(cfg.get("neuron_ft_prompts", 40)))
+    c_prompts += ft_caps
+    c_labels += [{"ft"} for _ in ft_caps]
+
+    def acts(delta, prompts):
+        with (apply_delta(ctx.model, delta) if delta is not None else nullcontext()):
+            return text_activations(ctx.model, prompts, [site], position=position)[site].numpy()
+
+    ne = len(edit_prompts)
+    a_ed = acts(d_ed, edit_prompts + c_prompts)
+    a_m = acts(None, edit_prompts) if ref_is_m else None
+    a_ft = acts(d_ed + ft.delta, edit_prompts)
+    ncfg = pn.NeuronProbeConfig(probes=bool(cfg.get("neuron_sparse_probes", True)), seed=ctx.exp.seed)
+    poly = pn.polysemanticity(a_ed[ne:], c_labels, ncfg)
+    feature = (pn.selective_neurons(poly, "ft", by=cfg.get("neuron_feature_by", "z"))
+               if "ft" in poly["concept"].values else np.array([], int))
+    shift = pn.activation_shift(a_ed[:ne], a_ft, ref=a_m)
+    test = pn.shared_fade_test(shift["fade"], edit_idx, feature,
+                               n_resamples=int(cfg.get("neuron_resamples", 999)), seed=ctx.exp.seed)
+    n_units = a_ed.shape[1]
+    weight = np.zeros(n_units)
+    weight[np.asarray(edit_idx, int)] = edit_w
+    is_edit = np.zeros(n_units)
+    is_edit[np.asarray(edit_idx, int)] = 1.0
+    is_feature = np.zeros(n_units)
+    is_feature[np.asarray(feature, int)] = 1.0
+    rows = {"edit_weight": weight, "is_edit": is_edit, "is_feature": is_feature}
+    rows.update({m: shift[m].values for m in ("mean_a", "mean_b", "shift", "cohen_d", "rel_change",
+                                              "retention", "fade")})
+    rows.update({m: poly[m].values for m in ("n_concepts", "selectivity", "n_eff", "n_eff_rel")})
+    rows["n_probe_concepts"] = (poly["n_probe_concepts"].values if "n_probe_concepts" in poly
+                                else np.full(n_units, np.nan))
+    table = np.stack([np.asarray(rows[m], np.float64) for m in NEURON_METRICS])
+    fade = shift["fade"].values
+    with np.errstate(all="ignore"):
+        extra = {"n_edit": len(edit_idx), "n_feature": len(feature),
+                 "fade_edit": float(np.nanmean(fade[np.asarray(edit_idx, int)])) if len(edit_idx) else np.nan,
+                 "fade_all": float(np.nanmean(fade)) if np.isfinite(fade).any() else np.nan}
+    stats = np.array([float(getattr(test, k)) if hasattr(test, k) else float(extra[k]) for k in FADE_STATS])
+    tail = f"{cell.edit}/{cell.finetune}"
+    common = {"site": site, "position": str(position), "ref": "M" if ref_is_m else "zero",
+              "method": method, "n_edit_prompts": ne, "n_concept_prompts": len(c_prompts),
+              "n_ft_prompts": len(ft_caps), "feature_concept": "ft"}
+    st.require_array(f"probes/neurons/{tail}", table, dims=["metric", "neuron"],
+                     attrs={**common, "metric": list(NEURON_METRICS)})
+    st.require_array(f"probes/neurons_test/{tail}", stats, dims=["stat"],
+                     attrs={**common, "stat": list(FADE_STATS), "alternative": test.alternative})
+    acc = poly["probe_accuracy"].values if "probe_accuracy" in poly else np.full(poly.sizes["concept"], np.nan)
+    st.require_array(f"probes/neurons_concepts/{tail}",
+                     np.stack([poly["n_prompts"].values.astype(np.float64), acc.astype(np.float64),
+                               poly["responds"].values.sum(axis=0).astype(np.float64)]),
+                     dims=["stat", "concept"],
+                     attrs={**common, "stat": ["n_prompts", "probe_accuracy", "n_responding"],
+                            "concept": [str(c) for c in poly["concept"].values]})
 
 
 def describe(ctx) -> dict[str, Any]:

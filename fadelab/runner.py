@@ -74,7 +74,7 @@ def _code_version() -> str:
 
 
 def run_cells(config: str | None, out: Path, *, shard: str | None = None, device: str = "cpu",
-              progress: bool = True) -> dict:
+              progress: bool = True, smoke: bool | None = None) -> dict:
     """Run this process's slice of the grid, cell by cell; finished cells are skipped.
 
     Each cell writes its own store, out/cells/<cell id>.h5, and marks it done last, so a cell
@@ -85,7 +85,7 @@ def run_cells(config: str | None, out: Path, *, shard: str | None = None, device
     from fadelab.grid import cell_done, cell_path, cells, load_experiment, parse_shard
     from fadelab.grid import shard as take
 
-    exp = load_experiment(config)
+    exp = load_experiment(config, smoke=smoke)
     i, n = parse_shard(shard)
     mine = take(cells(exp), i, n)
     ran, skipped = [], []
@@ -108,7 +108,8 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def run_local_jobs(config: str | None, out: Path, jobs: int, device: str) -> list[dict]:
+def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
+                   smoke: bool | None = None) -> list[dict]:
     """`jobs` processes side by side, process i running shard i/jobs (one GPU each, round robin
     over the visible GPUs, when the device is CUDA). A failed process fails the call with its
     shard named; the cells it finished stay done."""
@@ -128,7 +129,7 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str) -> lis
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         cmd = [sys.executable, "-m", "fadelab.cli", "run", *([config] if config else []),
                "--out", str(out), "--shard", f"{i}/{jobs}", "--device", device, "--no-report",
-               "--quiet"]
+               "--quiet", *(["--smoke"] if smoke else [])]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     results, failed = [], []
     for i, p in enumerate(procs):
@@ -143,13 +144,13 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str) -> lis
     return results
 
 
-def _slurm_task(config: str | None, out: str, shard: str, device: str) -> dict:
+def _slurm_task(config: str | None, out: str, shard: str, device: str, smoke: bool | None = None) -> dict:
     """One Slurm array task (module-level, so submitit can pickle it)."""
-    return run_cells(config, Path(out), shard=shard, device=device, progress=False)
+    return run_cells(config, Path(out), shard=shard, device=device, progress=False, smoke=smoke)
 
 
 def run_slurm(config: str | None, out: Path, tasks: int, device: str, *, cluster: str | None = None,
-              slurm: dict | None = None) -> list[dict]:
+              slurm: dict | None = None, smoke: bool | None = None) -> list[dict]:
     """Submit the grid as a Slurm job array of `tasks` shards through submitit and wait.
 
     `cluster=None` lets submitit pick (Slurm where sbatch exists); "local" runs the same array
@@ -168,7 +169,7 @@ def run_slurm(config: str | None, out: Path, tasks: int, device: str, *, cluster
     executor.update_parameters(**params)
     shards = [f"{i}/{tasks}" for i in range(tasks)]
     jobs = executor.map_array(_slurm_task, [config] * tasks, [str(out)] * tasks, shards,
-                              [device] * tasks)
+                              [device] * tasks, [smoke] * tasks)
     log.info("submitted %d array tasks to %s (first job id %s)", tasks, executor.cluster,
              jobs[0].job_id if jobs else "-")
     results, failed = [], []

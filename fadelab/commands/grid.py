@@ -8,7 +8,7 @@ from pathlib import Path
 def cmd_status(args) -> int:
     from fadelab.grid import load_experiment, status
 
-    exp = load_experiment(args.config)
+    exp = load_experiment(args.config, smoke=True if args.smoke else None)
     rows = status(exp, Path(args.out))
     done = sum(s == "done" for _, s in rows)
     print(f"{exp.name}: {done}/{len(rows)} cells done in {args.out}")
@@ -20,7 +20,7 @@ def cmd_status(args) -> int:
 def cmd_merge(args) -> int:
     from fadelab.grid import load_experiment, merge
 
-    path = merge(load_experiment(args.config), Path(args.out), allow_partial=args.partial)
+    path = merge(load_experiment(args.config, smoke=True if args.smoke else None), Path(args.out), allow_partial=args.partial)
     print(f"merged store: {path}")
     return 0
 
@@ -32,6 +32,7 @@ def register(sub) -> None:
     s.add_argument("config", nargs="?", default=None,
                    help="experiment TOML or a shipped name (default: organism)")
     s.add_argument("--out", default="fadelab-out", help="the run's output folder")
+    s.add_argument("--smoke", action="store_true", help="the config's smoke grid (as fadelab run --smoke)")
     s.set_defaults(func=cmd_status)
 
     m = sub.add_parser("merge", help="join the cell stores into DIR/experiment.h5",
@@ -41,4 +42,5 @@ def register(sub) -> None:
                    help="experiment TOML or a shipped name (default: organism)")
     m.add_argument("--out", default="fadelab-out", help="the run's output folder")
     m.add_argument("--partial", action="store_true", help="join the finished cells only")
+    m.add_argument("--smoke", action="store_true", help="the config's smoke grid (as fadelab run --smoke)")
     m.set_defaults(func=cmd_merge)
