@@ -78,12 +78,14 @@ def _fp64_solution(model, result, h: UCEHparams) -> dict[str, torch.Tensor]:
 
 def sd14_edit_timings(device: str = "cuda", scale: float = 1.0, reference: bool = True) -> dict:
     """One UCE erase (1 concept, 100 preserve prompts; cold and warm) and one ReFACT edit (layer 7)
-    on models.load("sd14", "random"); C's statistic (2,000 organism captions) is timed apart."""
+    on models.load("sd14", "random"); C's statistic (2,000 texts of 24 random vocabulary words, so
+    C has full rank on random weights) is timed apart."""
     import models
 
     from .presets import organism_safe_prompts
     from .refact import refact
-    from .refact_stats import organism_corpus, second_moment
+    from .refact import text_encoder_of
+    from .refact_stats import second_moment, vocabulary_corpus
     from .uce import uce_erase
 
     m = models.load("sd14", "random", scale=scale, device=device)
@@ -119,7 +121,7 @@ def sd14_edit_timings(device: str = "cuda", scale: float = 1.0, reference: bool 
         out["uce_max_abs_weight"] = max(float(exact[s].abs().max()) for s in ref)
     site = "text.mlp.7.fc2"
     t = time.perf_counter()
-    stats = second_moment(m, site, organism_corpus(2000, seed=3))
+    stats = second_moment(m, site, vocabulary_corpus(text_encoder_of(m, site)[1], 2000, seed=3))
     _sync(device)
     out["refact_stats_seconds"], out["refact_stats_tokens"] = time.perf_counter() - t, stats.count
     if cuda:

@@ -110,6 +110,22 @@ def organism_corpus(n: int = 20000, seed: int = 0) -> list[str]:
     return [world.caption(world.sample_scene(rng, mix), rng) for _ in range(n)]
 
 
+def vocabulary_corpus(tokenizer, n: int = 2000, words: int = 24, seed: int = 0) -> list[str]:
+    """n texts of `words` whole words drawn uniformly from the tokenizer's vocabulary.
+
+    For random-weight builds, whose benchmark needs a C of full rank: the organism's captions use a
+    few hundred words, so their fc2 inputs span too few directions to invert a 3,072-wide C (SD1.4
+    at layer 7: 14,074 caption tokens left C singular and u^T k* near 0). Not a substitute for a
+    real text corpus when editing real weights.
+    """
+    vocab = [w[:-4] for w in tokenizer.get_vocab() if w.endswith("</w>") and w[:-4].isalpha()]
+    if not vocab:
+        raise ValueError("the tokenizer has no whole-word entries (ending in </w>)")
+    vocab.sort()
+    rng = np.random.default_rng([seed, 37])
+    return [" ".join(rng.choice(vocab, size=words)) for _ in range(n)]
+
+
 def save_stats(stats: SecondMoment, path: Path | str, site: str, corpus: str = "") -> Path:
     """Write the statistic as safetensors (sum float64, count) with site and corpus metadata."""
     from safetensors.torch import save_file

@@ -187,6 +187,60 @@ def sweep_part(out: Path, n: int, device: str, quick: bool, log, stop_at: float)
     return res
 
 
+def runs_part(out: Path, spec: list[dict], n: int, device: str, log, stop_at: float) -> dict:
+    """Settings given as data (--runs FILE.json): each entry {"name", "method", "hparams": {...}}
+    plus "subjects": [...] for dreambooth / textual-inversion (subject and class shares) or none
+    for the style methods (style share, content fidelity). Entries after --budget-s are skipped."""
+    from finetuning import hparams as H
+    from finetuning import placeholder, train
+    from finetuning.lora_io import load_textual_inversion
+    from models import apply_delta
+    from models.organism import data as D
+
+    style = _style_set(out, False)
+    db = out / "data" / "dreambooth"
+    if not (db / "subjects.json").is_file():
+        D.write_dreambooth(db, per_subject=5, seed=0)
+    index = json.loads((db / "subjects.json").read_text())
+    model, oracle = _load(device)
+    res = {}
+    for entry in spec:
+        name, method = entry["name"], entry["method"]
+        if time.perf_counter() > stop_at:
+            res[name] = "skipped: out of time"
+            continue
+        hp = H.defaults(method, "organism", **entry.get("hparams", {}))
+        if not entry.get("subjects"):
+            r = style_run(model, oracle, style, hp, n, {}, None)
+            res[name] = {k: r[k] for k in ("style_share", "content_fidelity", "style_share_by_checkpoint",
+                                           "train_seconds", "step_seconds", "hparams")}
+            log(f"run {name}: style {r['style_share']:.3f} content {r['content_fidelity']:.3f} "
+                f"({r['train_seconds']:.1f}s)")
+            continue
+        per = max(1, -(-n // len(entry["subjects"])))
+        res[name] = {"hparams": H.to_dict(hp)}
+        for sub in entry["subjects"]:
+            cls = index[sub]["class"]
+            r = train(model, db / sub, hp, seed=0, progress=False,
+                      adapter_dir=out / "adapters" / f"{name}-{sub}" if method != "dreambooth" else None)
+            if method == "dreambooth":
+                with apply_delta(model, r.delta):
+                    shares = subject_shares(model, oracle, sub, cls, per, "sks", seed=7000)
+            else:
+                token, embeds = load_textual_inversion(r.adapter)
+                with placeholder(model, token, embeds):
+                    shares = subject_shares(model, oracle, sub, cls, per, token, seed=7000)
+            shares["train_seconds"] = r.info["seconds"]
+            res[name][sub] = shares
+        subs = entry["subjects"]
+        res[name]["mean_subject_share"] = float(np.mean([res[name][s]["subject_share"] for s in subs]))
+        res[name]["mean_class_share_on_plain"] = float(np.mean([res[name][s]["class_share_on_plain"] for s in subs]))
+        each = ", ".join(f"{s} {res[name][s]['subject_share']:.2f}" for s in subs)
+        log(f"run {name}: subject {res[name]['mean_subject_share']:.3f} class "
+            f"{res[name]['mean_class_share_on_plain']:.3f} ({each})")
+    return res
+
+
 def _images_equal(model, reference: np.ndarray, n: int, gen: dict) -> bool:
     from models.organism import prompts as P
     from models.organism.sample import generate
@@ -245,6 +299,7 @@ def main() -> int:
     p.add_argument("--subjects", default="dog1,cat1,cup1,robot1")
     p.add_argument("--budget-s", type=float, default=320, help="no sweep run starts after this many seconds")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check that everything runs)")
+    p.add_argument("--runs", default=None, help="JSON file of settings for the runs part (see runs_part)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
@@ -272,6 +327,10 @@ def main() -> int:
         kw = dict(steps=5, scale=0.125, resolution=64, batch=2, n_images=4, repeats=1) if args.quick else {}
         res["sd14"] = step_benchmark(args.device, **kw)
         log(f"sd14: {json.dumps({k: v for k, v in res['sd14'].items() if k != 'device'})}")
+        save()
+    if "runs" in parts:
+        res["runs"] = runs_part(out, json.loads(Path(args.runs).read_text()), args.n, args.device, log,
+                                t0 + args.budget_s)
         save()
     if "sweep" in parts:
         res["sweep"] = sweep_part(out, args.n, args.device, args.quick, log, t0 + args.budget_s)
