@@ -5,6 +5,9 @@ Offers
                                                        scaled by the VAE's scaling factor, held
                                                        by dataset index
     LatentCache.sample(indices, eps)                   z = mean + std * eps (or the mean)
+    LatentCache.shared(vae, dataset, resolution, ...)  build, or reuse the cache of an earlier
+                                                       fine-tune in this process when the VAE's
+                                                       weights and the image folder are unchanged
     TextCache.build(tokenizer, captions)               token ids per unique caption, and the
                                                        caption row of every dataset index
     TextCache.encode(text_encoder, ...)                the frozen text encoder's hidden states
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -86,11 +90,53 @@ class LatentCache:
         log.info("cached %d latents %s", len(out.mean), tuple(out.mean.shape[1:]))
         return out
 
+    @classmethod
+    def shared(cls, vae: nn.Module, dataset, resolution: int, *, bf16: bool = True,
+               device: torch.device | None = None, progress: bool = False) -> LatentCache:
+        """`build`, remembered for the next fine-tune of this process on the same image folder.
+
+        A grid fine-tunes one data set dozens of times (every edit x method), and the VAE is
+        frozen and no edit touches it, so the posterior is the same each time. The key holds the
+        folder (path, metadata.jsonl's size and mtime), the resolution, precision and device, and
+        the VAE's parameters (identity, storage, shape and in-place version counter, which
+        `apply_delta` and optimizers bump), so changed weights or files build anew. In-memory
+        data sets (no folder) are never shared. The two most recent caches are kept.
+        """
+        key = _cache_key(vae, dataset, resolution, bf16, device)
+        if key is None:
+            return cls.build(vae, dataset, resolution, bf16=bf16, device=device, progress=progress)
+        if key in _SHARED:
+            _SHARED[key] = _SHARED.pop(key)  # most recent last
+            log.info("reusing the cached latents of %s", dataset.folder)
+            return _SHARED[key]
+        out = cls.build(vae, dataset, resolution, bf16=bf16, device=device, progress=progress)
+        _SHARED[key] = out
+        while len(_SHARED) > 2:
+            _SHARED.pop(next(iter(_SHARED)))
+        return out
+
     def sample(self, indices: Tensor, eps: Tensor | None) -> Tensor:
         """z for `indices`: mean + std * eps (eps: standard normal, (len(indices), C, h, w)), or the
         posterior mean when eps is None."""
         mean = self.mean[indices]
         return mean if eps is None else mean + self.std[indices] * eps
+
+
+_SHARED: dict[tuple, LatentCache] = {}
+
+
+def _cache_key(vae: nn.Module, dataset, resolution: int, bf16: bool, device) -> tuple | None:
+    folder = getattr(dataset, "folder", None)
+    if folder is None:
+        return None
+    meta = Path(folder) / "metadata.jsonl"
+    try:
+        st = meta.stat()
+    except OSError:
+        return None
+    params = tuple((id(p), p.data_ptr(), tuple(p.shape), p._version) for p in vae.parameters())
+    return (str(Path(folder).resolve()), st.st_size, st.st_mtime_ns, len(dataset), int(resolution), bool(bf16),
+            str(device), id(vae), params)
 
 
 def encode_prompt(text_encoder: nn.Module, ids: Tensor) -> Tensor:

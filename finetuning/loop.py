@@ -141,8 +141,8 @@ class _Source:
                  resolution: int, frozen_text: bool, device: torch.device, progress: bool) -> None:
         self.dataset, self.resolution, self.hp = dataset, resolution, hp
         bf16 = hp.mixed_precision == "bf16"
-        self.latents = LatentCache.build(model.vae, dataset, resolution, bf16=bf16, device=device,
-                                         progress=progress) if hp.cache else None
+        self.latents = LatentCache.shared(model.vae, dataset, resolution, bf16=bf16, device=device,
+                                          progress=progress) if hp.cache else None
         self.text = TextCache.build(tokenizer, captions, device=device)
         if hp.cache and frozen_text:
             self.text.encode(text_encoder, bf16=bf16)
@@ -296,6 +296,7 @@ def train(
     state_dir: Path | str | None = None,
     adapter_dir: Path | str | None = None,
     grad_hook: GradHook | None = None,
+    trainable: Callable[[str], bool] | None = None,
     callback: Callable[[int, Any], None] | None = None,
     progress: bool = True,
 ) -> FineTuneResult:
@@ -323,6 +324,9 @@ def train(
             gradient (names: site names; LoRA "<site>.lora_A|lora_B|lora_magnitude"; textual
             inversion "text.embed.token"), before any all-reduce, e.g. to freeze sites or
             project gradients off a subspace.
+        trainable: trainable(name) -> bool on the same names; parameters it rejects are frozen
+            (requires_grad off: no gradient, no optimizer update, no weight decay), so their
+            delta is exactly zero. None trains every parameter of the method.
         callback: callback(step, work_model) at every checkpoint step; work_model is a
             models.Model whose trained components are the live working copies.
         progress: show tqdm bars.
@@ -359,6 +363,8 @@ def train(
         torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
         method.make_prior(model, dataset, seed, progress and acc.is_main_process)
         work = _work_model(model, method.prepare(model, dataset))
+        if trainable is not None:
+            _freeze(method, trainable)
         frozen_text = not method.text_trainable
         sources = [_Source(dataset, method.captions(dataset), model, work.pipe.tokenizer, work.pipe.text_encoder,
                            hp, resolution, frozen_text, acc.device, progress and acc.is_main_process)]
@@ -367,7 +373,8 @@ def train(
                                    work.pipe.text_encoder, hp, resolution, frozen_text, acc.device, False))
         run = _Run(model, method, hp, acc, sources, seed)
         if grad_hook is not None:
-            hooks = [p.register_hook(lambda g, n=n, p=p: grad_hook(n, g, p)) for n, p in run.named]
+            hooks = [p.register_hook(lambda g, n=n, p=p: grad_hook(n, g, p)) for n, p in run.named
+                     if p.requires_grad]
             stack.callback(lambda: [h.remove() for h in hooks])
 
         meta = {"method": hp.method, "hparams": to_dict(hp), "seed": seed, "images": len(dataset),
@@ -468,6 +475,17 @@ def train(
     log.info("%s: %d steps in %.1fs, final loss %.4f", hp.method, hp.steps, info["seconds"],
              float(np.mean(losses[-LOSS_CHECK_EVERY:])) if losses else float("nan"))
     return result
+
+
+def _freeze(method: Method, trainable: Callable[[str], bool]) -> None:
+    """Turn requires_grad off for the method's parameters that `trainable` rejects."""
+    named = method.named_parameters()
+    for name, p in named:
+        if not trainable(name):
+            p.requires_grad_(False)
+    if not any(p.requires_grad for _, p in named):
+        raise FadelabError(f"trainable rejects every parameter of {method.name or 'the method'} "
+                           f"(names such as {named[0][0]!r}); nothing would be trained")
 
 
 def _sync(device: torch.device) -> None:

@@ -3,6 +3,7 @@ steps on a few images): deltas that reproduce the trained model, the loaded mode
 checkpoints, resume, non-finite losses, gradient hooks."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -169,6 +170,26 @@ def test_caches_are_keyed_by_dataset_index(model, style):
     ids, hidden = text.for_indices(torch.tensor([2, 1]))
     assert text.texts == ["a cup", "a dog"] and ids.shape == (2, 77)
     assert torch.allclose(hidden, model.pipe.text_encoder(ids)[0], atol=1e-5)
+
+
+@needs_weights
+def test_latent_cache_is_shared_until_the_vae_or_the_folder_changes(model, style, tmp_path):
+    ds = ImageFolder(style)
+    first = LatentCache.shared(model.vae, ds, 64, bf16=False)
+    assert LatentCache.shared(model.vae, ImageFolder(style), 64, bf16=False) is first  # a second fine-tune
+    assert LatentCache.shared(model.vae, ds, 32, bf16=False) is not first  # another resolution
+    p = next(model.vae.parameters())
+    with torch.no_grad():
+        p.add_(0.0)  # an in-place write (apply_delta, an optimizer) bumps the version counter
+    again = LatentCache.shared(model.vae, ds, 64, bf16=False)
+    assert again is not first and torch.equal(again.mean, first.mean)
+    copy = tmp_path / "copy"
+    shutil.copytree(style, copy)
+    assert LatentCache.shared(model.vae, ImageFolder(copy), 64, bf16=False) is not again
+    from finetuning.data import ImageTensors
+
+    mem = ImageTensors(np.zeros((2, 64, 64, 3), np.uint8), ["a", "b"])
+    assert LatentCache.shared(model.vae, mem, 64, bf16=False) is not LatentCache.shared(model.vae, mem, 64, bf16=False)
 
 
 CASES = {
