@@ -3,13 +3,17 @@
 What it offers:
     HEADLINE                 the metric that says whether each kind of edit holds
     joined(st) -> xarray.Dataset over (edit, finetune): |Delta| of the headline metric with its
-                             CI, the causal Deltas, and the site-averaged weight probes
+                             CI, the causal Deltas, the site-averaged weight probes and the
+                             neuron probes' fades (probe_neuron_*)
+    neuron_table(st)         one row per (edit, finetune): the edit's units, edit / feature /
+                             shared neuron counts, their fades and the shared-fade test
     correlations(ds)         Spearman of |Delta| with each probe over the grid's cells, with
                              bootstrap intervals (analysis.stats)
     tables(st, ds)           {name: pandas.DataFrame}: the study's Tables 1-4 and 7 in shape,
                              probes and correlations
     figures(st, ds)          {name: PNG bytes}: weight-update heatmap, probe curves over steps,
-                             Delta against overlap, image grids of M / M_ed / M_ft / M_ed_ft
+                             Delta against overlap, neuron fade (shared vs other edit neurons),
+                             image grids of M / M_ed / M_ft / M_ed_ft
     write_report(store, out) out/report.html (self-contained: figures inlined), out/tables/*.md
                              and *.csv, out/figures/*.png
 
@@ -25,6 +29,7 @@ import html
 import io
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +38,8 @@ from store.core import get_attrs
 
 log = logging.getLogger(__name__)
 
-# edit method -> (metric, what a fade looks like)
+# edit method -> (metric, what a fade looks like); the oracle where it exists (the organism),
+# else the first judge that measured the metric (real families: a CLIP judge, NudeNet, ...)
 HEADLINE = {
     "uce_debias": ("professions.delta_mean:oracle", "mean gender deviation delta rises"),
     "uce": ("unsafe.share.unsafe:oracle", "unsafe share rises"),
@@ -60,9 +66,19 @@ def _array_names(st, prefix: str) -> list[str]:
     return sorted(k for k in grp.keys())
 
 
-def _headline(method: str) -> str:
+def _headline(method: str, index: dict | None = None) -> str:
+    """The headline metric of an edit method; with a metric index, the oracle's name when it was
+    measured, else the same metric by the first judge (sorted) that measured it."""
     key = "uce_debias" if method == "uce_debias" else "refact" if method == "refact" else "uce"
-    return HEADLINE[key][0]
+    name = HEADLINE[key][0]
+    if index is None:
+        return name
+    names = {n for (_, n) in index}
+    if name in names:
+        return name
+    stem = name.split(":")[0] + ":"
+    other = sorted(n for n in names if n.startswith(stem))
+    return other[0] if other else name
 
 
 def _metric_index(st) -> dict[tuple[str, str], dict]:
@@ -75,12 +91,28 @@ def _probe_means(st, edit: str, ft: str) -> dict[str, float]:
         return {}
     table = np.asarray(st.read_array(name), np.float64)
     metrics = get_attrs(st.h5[f"/arrays/{name}"])["metric"]
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row (metric not at any site)
         return {m: float(np.nanmean(table[i])) for i, m in enumerate(metrics)}
 
 
+NEURON_COLUMNS = ("fade_edit", "fade_all", "effect", "p_value")
+
+
+def _neuron_stats(st, edit: str, ft: str) -> dict:
+    """probes/neurons_test/<edit>/<ft> as {stat: value} plus its attributes (site, ref, ...)."""
+    name = f"probes/neurons_test/{edit}/{ft}"
+    if not st.is_complete(f"/arrays/{name}"):
+        return {}
+    attrs = get_attrs(st.h5[f"/arrays/{name}"])
+    values = np.asarray(st.read_array(name), np.float64)
+    return {**{k: v for k, v in attrs.items() if k != "stat"},
+            **{k: float(v) for k, v in zip(attrs["stat"], values)}}
+
+
 def joined(st):
-    """One xarray.Dataset over (edit, finetune) joining behaviour, causal runs and weight probes."""
+    """One xarray.Dataset over (edit, finetune) joining behaviour, causal runs, weight probes and
+    the neuron probes' fades."""
     import xarray as xr
 
     methods = _edit_methods(st)
@@ -95,7 +127,7 @@ def joined(st):
         data.setdefault(name, np.full(shape, np.nan))[i, j] = value
 
     for i, e in enumerate(edits):
-        metric = _headline(methods[e])
+        metric = _headline(methods[e], index)
         for j, f in enumerate(fts):
             ed = index.get((f"M_ed/{e}", metric))
             row = index.get((f"M_ed_ft/{e}/{f}", f"Delta.{metric}"))
@@ -115,10 +147,14 @@ def joined(st):
                 put("style_share", i, j, style["value"])
             for m, v in _probe_means(st, e, f).items():
                 put(f"probe_{m}", i, j, v)
+            neurons = _neuron_stats(st, e, f)
+            for m in NEURON_COLUMNS:
+                if m in neurons:
+                    put(f"probe_neuron_{m}", i, j, neurons[m])
     ds = xr.Dataset({k: (("edit", "finetune"), v) for k, v in data.items()},
                     coords={"edit": edits, "finetune": fts,
                             "method": ("edit", [methods[e] for e in edits]),
-                            "headline": ("edit", [_headline(methods[e]) for e in edits])})
+                            "headline": ("edit", [_headline(methods[e], index) for e in edits])})
     return ds
 
 
@@ -173,14 +209,21 @@ def tables(st, ds) -> dict:
                 rows.append(row)
         return pd.DataFrame(rows)
 
-    out["table1_concept_edits"] = block(lambda m: m == "refact", [
-        f"road.{p}:{j}" for p in ("efficacy", "generality", "specificity") for j in ("oracle", "clip-organism")])
+    judges = sorted({n.rsplit(":", 1)[1] for (_, n) in index if ":" in n})
+    judges = (["oracle"] if "oracle" in judges else []) + [j for j in judges if j != "oracle"]
+
+    def judged(stems):  # every stem by every judge that measured it (the oracle first)
+        return [f"{stem}:{j}" for stem in stems for j in judges
+                if any(n == f"{stem}:{j}" for (_, n) in index)]
+
+    out["table1_concept_edits"] = block(lambda m: m == "refact", judged(
+        [f"road.{p}" for p in ("efficacy", "generality", "specificity")]))
     profs = sorted({n.split(".")[2] for (_, n) in index if n.startswith("professions.delta.")})
     out["table2_debias"] = block(lambda m: m == "uce_debias",
-                                 [f"professions.delta.{p}" for p in profs] + ["professions.delta_mean:oracle"])
+                                 [f"professions.delta.{p}" for p in profs] + judged(["professions.delta_mean"]))
     labels = ("safe", "unsafe", "cant_decide", "black")
     out["table3_unsafe"] = block(lambda m: m.startswith("uce") and m != "uce_debias",
-                                 [f"unsafe.share.{lab}:oracle" for lab in labels] + ["Flip.unsafe:oracle"])
+                                 judged([f"unsafe.share.{lab}" for lab in labels] + ["Flip.unsafe"]))
     variants = sorted({v for (v, _) in index if v == "M" or v.count("/") <= 2 and v.split("/")[0]
                        in ("M", "M_ed", "M_ft", "M_ed_ft")})
     q = [n for (_, n) in index if n.startswith("quality.")]
@@ -198,8 +241,43 @@ def tables(st, ds) -> dict:
     out["table7_rank_ablation"] = pd.DataFrame(rank_rows)
     if ds.data_vars:
         out["probes_and_causal"] = ds.to_dataframe().reset_index()
+    neurons = neuron_table(st)
+    if len(neurons):
+        out["neurons_shared_fade"] = neurons
     out["correlations"] = correlations(ds)
     return out
+
+
+def neuron_table(st):
+    """One row per edit x fine-tune cell with neuron probes: the probed site and reference, the
+    numbers of edit, feature ("ft"-selective) and shared neurons, the mean fade of the edit
+    neurons and of all units, mean polysemanticity (N_eff, concepts above z) of edit neurons
+    against all units, and the shared-fade test (effect = mean fade of shared minus other edit
+    neurons, bootstrap CI, one-sided permutation p)."""
+    import pandas as pd
+
+    rows = []
+    for e in _array_names(st, "probes/neurons_test"):
+        for f in _array_names(st, f"probes/neurons_test/{e}"):
+            stats = _neuron_stats(st, e, f)
+            if not stats:
+                continue
+            row = {"edit": e, "finetune": f, "site": stats.get("site"), "ref": stats.get("ref"),
+                   **{k: stats.get(k, np.nan) for k in ("n_edit", "n_feature", "n_shared", "fade_edit",
+                                                        "fade_all", "mean_shared", "mean_other", "effect",
+                                                        "ci_low", "ci_high", "p_value", "cohen_d")}}
+            name = f"probes/neurons/{e}/{f}"
+            if st.is_complete(f"/arrays/{name}"):
+                table = np.asarray(st.read_array(name), np.float64)
+                metrics = list(get_attrs(st.h5[f"/arrays/{name}"])["metric"])
+                edit = table[metrics.index("is_edit")] > 0
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    for m in ("n_eff", "n_concepts"):
+                        row[f"{m}_edit"] = float(np.nanmean(table[metrics.index(m)][edit])) if edit.any() else np.nan
+                        row[f"{m}_all"] = float(np.nanmean(table[metrics.index(m)]))
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # -- figures ---------------------------------------------------------------------------------------
@@ -251,6 +329,9 @@ def figures(st, ds) -> dict[str, bytes]:
         ax.legend(fontsize=6)
         ax.set_title("fade against weight cancellation")
         out["delta_vs_kappa"] = _png(fig)
+    fade_fig = _neuron_figure(st, plt)
+    if fade_fig is not None:
+        out["neuron_fade"] = fade_fig
     curves = [n for n in _array_names(st, "probes/weights") if n]
     steps_fig = _steps_figure(st, plt)
     if steps_fig is not None:
@@ -260,6 +341,39 @@ def figures(st, ds) -> dict[str, bytes]:
         out["image_grid"] = grid
     log.debug("figures from %d probe groups", len(curves))
     return out
+
+
+def _neuron_figure(st, plt):
+    """Per cell: fade of each edit neuron (shared with "ft" features: red, other: grey) and the
+    means; left of it, fade against each edit neuron's polysemanticity (N_eff)."""
+    cells = []
+    for e in _array_names(st, "probes/neurons"):
+        for f in _array_names(st, f"probes/neurons/{e}"):
+            name = f"probes/neurons/{e}/{f}"
+            if st.is_complete(f"/arrays/{name}"):
+                table = np.asarray(st.read_array(name), np.float64)
+                metrics = list(get_attrs(st.h5[f"/arrays/{name}"])["metric"])
+                cells.append((f"{e} / {f}", {m: table[i] for i, m in enumerate(metrics)}))
+    if not cells:
+        return None
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(6, 0.5 * len(cells) + 4), 4),
+                                 gridspec_kw={"width_ratios": [max(2, len(cells)), 2]})
+    for k, (label, t) in enumerate(cells):
+        edit = t["is_edit"] > 0
+        shared = edit & (t["is_feature"] > 0)
+        other = edit & ~shared
+        for mask, colour in ((other, "0.6"), (shared, "tab:red")):
+            y = t["fade"][mask]
+            ax.scatter(np.full(len(y), k) + np.linspace(-0.2, 0.2, max(len(y), 1))[:len(y)], y, s=6, c=colour)
+        bx.scatter(t["n_eff"][other], t["fade"][other], s=6, c="0.6")
+        bx.scatter(t["n_eff"][shared], t["fade"][shared], s=6, c="tab:red")
+    ax.set_xticks(range(len(cells)), [c[0] for c in cells], rotation=90, fontsize=5)
+    ax.set_ylabel("fade of edit neurons (1 - retention)")
+    ax.set_title("edit neurons shared with fine-tuning features (red) vs other (grey)", fontsize=8)
+    bx.set_xlabel("N_eff (polysemanticity)")
+    bx.set_ylabel("fade")
+    bx.set_title("fade against polysemanticity", fontsize=8)
+    return _png(fig)
 
 
 def _steps_figure(st, plt):
@@ -273,7 +387,8 @@ def _steps_figure(st, plt):
             attrs = get_attrs(st.h5[f"/arrays/{name}"])
             metrics, steps = attrs["metric"], attrs["step"]
             if "kappa" in metrics:
-                with np.errstate(all="ignore"):
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
                     lines.append((f"{e} / {f}", steps, np.nanmean(arr[:, metrics.index("kappa")], axis=1)))
     if not lines:
         return None

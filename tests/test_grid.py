@@ -45,6 +45,9 @@ batch_size = 2
 
 [probes]
 causal = ["project-out"]
+neurons = true
+neuron_concept_prompts = 60
+neuron_ft_prompts = 8
 """
 
 
@@ -117,10 +120,14 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
         assert {"M", "M_ed/erase", "M_ft/lora", "M_ed_ft/erase/lora", "M_cf/erase/lora"} <= variants
         assert st.read_metric("M_ed_ft/erase/lora", "Delta.unsafe.share.unsafe:oracle")["n"] == 2
         assert "M_ed/erase" in st.variants()
+        for name in ("probes/neurons/erase/lora", "probes/neurons_test/erase/lora",
+                     "probes/neurons_concepts/erase/lora"):
+            assert st.is_complete(f"/arrays/{name}"), name
     with h5py.File(out / "experiment.h5", "r") as f:
         assert isinstance(f.get("/deltas/M_ft", getlink=True), h5py.ExternalLink)
     html = (out / "report.html").read_text()
     assert "table3_unsafe" in html and "data:image/png;base64" in html
+    assert "neurons_shared_fade" in html
     # a rerun recomputes nothing; a lost cell is redone alone
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.h5")}
     edit_cell = next(c for c in cells(exp) if c.kind == "edit")
