@@ -91,14 +91,19 @@ def run_cells(config: str | None, out: Path, *, shard: str | None = None, device
     ran, skipped = [], []
     t0 = time.time()
     ctx = cell_runner.Context(exp, out, device=device, code_version=_code_version(), progress=progress)
-    for cell in mine:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(mine, desc=f"cells {i}/{n}" if n > 1 else "cells", unit="cell", disable=not progress)
+    for cell in bar:
         path = cell_path(out, cell)
         if cell_done(path, cell):
             skipped.append(cell.id)
             continue
+        bar.set_postfix_str(cell.id)
         log.info("cell %s (%s)", cell.id, cell.variant)
         cell_runner.run_cell(ctx, cell)
         ran.append(cell.id)
+    bar.close()
     return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1), "shard": f"{i}/{n}"}
 
 
