@@ -45,7 +45,7 @@ class Sizes:
     debias_images: int = 8
 
 
-QUICK = Sizes(steps=2, batch=2, lr=1e-3, warmup=1, every=1, n=2, n_profession=1, gen_steps=2,
+QUICK = Sizes(steps=2, batch=2, lr=1e-3, warmup=0, every=1, n=2, n_profession=1, gen_steps=2,
               style_images=8, n_boot=100, debias_images=2)
 
 
