@@ -367,12 +367,13 @@ def _neuron_figure(st, plt):
             ax.scatter(np.full(len(y), k) + np.linspace(-0.2, 0.2, max(len(y), 1))[:len(y)], y, s=6, c=colour)
         bx.scatter(t["n_eff"][other], t["fade"][other], s=6, c="0.6")
         bx.scatter(t["n_eff"][shared], t["fade"][shared], s=6, c="tab:red")
-    ax.set_xticks(range(len(cells)), [c[0] for c in cells], rotation=90, fontsize=5)
+    ax.set_xticks(range(len(cells)), [c[0] for c in cells], rotation=90, fontsize=6)
     ax.set_ylabel("fade of edit neurons (1 - retention)")
-    ax.set_title("edit neurons shared with fine-tuning features (red) vs other (grey)", fontsize=8)
+    ax.set_title("edit neurons: shared with 'ft' features (red), other (grey)", fontsize=8)
     bx.set_xlabel("N_eff (polysemanticity)")
     bx.set_ylabel("fade")
-    bx.set_title("fade against polysemanticity", fontsize=8)
+    bx.set_title("fade against N_eff", fontsize=8)
+    fig.tight_layout()
     return _png(fig)
 
 
