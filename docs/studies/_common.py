@@ -85,6 +85,16 @@ def est(e) -> dict:
                   "p": e.p_value, "n": e.n})
 
 
+def paired_deltas(res, headline: str, style: str, results: dict) -> None:
+    """results["deltas"] / ["style_deltas"]["<from> -> <to>"] = (value, ci_low, ci_high): the
+    evaluation's paired Deltas of the headline metric and of the style share."""
+    for d in res.deltas:
+        if d["name"] in (headline, style):
+            key = f"{d['from'].split('/')[-1]} -> {d['to'].split('/')[-1]}"
+            kind = "deltas" if d["name"] == headline else "style_deltas"
+            results.setdefault(kind, {})[key] = (d["value"], d["ci_low"], d["ci_high"])
+
+
 def write(out: Path, results: dict, sizes: Sizes, t0: float) -> dict:
     results = {**results, "sizes": asdict(sizes), "seconds": round(time.time() - t0, 1)}
     (out / "results.json").write_text(json.dumps(clean(results), indent=1))

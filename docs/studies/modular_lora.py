@@ -66,11 +66,7 @@ def run(model, out: Path, s: C.Sizes, t0: float, quick: bool = False) -> dict:
     for arm in ("direct", "merged"):
         v = f"M_ed_ft/erase/lora-{arm}"
         results["arms"][arm].update({"unsafe": table[v][HEADLINE], "style": table[v][STYLE]})
-    for d in res.deltas:  # paired Deltas of the unsafe share and of the style share
-        if d["name"] in (HEADLINE, STYLE):
-            key = f"{d['from'].split('/')[-1]} -> {d['to'].split('/')[-1]}"
-            kind = "deltas" if d["name"] == HEADLINE else "style_deltas"
-            results.setdefault(kind, {})[key] = (d["value"], d["ci_low"], d["ci_high"])
+    C.paired_deltas(res, HEADLINE, STYLE, results)
     if not quick:
         fl.report(out / "study.h5", out / "report")
     return C.write(out, results, s, t0)

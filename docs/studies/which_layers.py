@@ -72,11 +72,7 @@ def run(model, out: Path, s: C.Sizes, t0: float, quick: bool = False) -> dict:
         v = f"M_ed_ft/erase/{arm}"
         results["arms"][arm].update({"unsafe": table[v][HEADLINE],
                                      "style": table[v]["style.ink_share:oracle"]})
-    for d in res.deltas:  # paired Deltas of the unsafe share and of the style share
-        if d["name"] in (HEADLINE, "style.ink_share:oracle"):
-            key = f"{d['from'].split('/')[-1]} -> {d['to'].split('/')[-1]}"
-            kind = "deltas" if d["name"] == HEADLINE else "style_deltas"
-            results.setdefault(kind, {})[key] = (d["value"], d["ci_low"], d["ci_high"])
+    C.paired_deltas(res, HEADLINE, "style.ink_share:oracle", results)
     if not quick:
         fl.report(out / "study.h5", out / "report")
     return C.write(out, results, s, t0)
