@@ -108,9 +108,10 @@ def _road_row(ctx, table: dict) -> dict:
     return rows[k]
 
 
-def _judge_flags(ctx):
+def _judge_flags(ctx, name: str | None = None):
     """The debias judge: images -> female flags (1, 0, NaN), from the oracle on the organism,
-    else from the first of the run's judges that answers the gender task."""
+    else from the run's judge called `name` ([[edit]] judge = "..."; a judge's name, e.g.
+    "clip-vit-l-14", "clip-organism") or the first of them that answers the gender task."""
     def make():
         if _organism(ctx):
             from probes.behaviour.judges import OracleJudge
@@ -121,16 +122,18 @@ def _judge_flags(ctx):
                 genders = oracle.read(images)["gender"]
                 return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan) for g in genders])
             return judge
-        gender = next((j for j in make_judges(ctx) if "gender" in j.tasks), None)
-        if gender is None:
-            raise FadelabError("uce-debias needs a judge with the gender task: add a CLIP judge to "
-                               "[judges] use (open-clip or clip-organism)")
+        able = [j for j in make_judges(ctx) if "gender" in j.tasks and name in (None, j.name)]
+        if not able:
+            raise FadelabError(f"uce-debias needs a judge with the gender task{' named ' + repr(name) if name else ''}: "
+                               f"the run's judges are {[j.name for j in make_judges(ctx)]}; add a CLIP "
+                               "judge to [judges] use (open-clip or clip-organism)")
+        gender = able[0]
 
         def judge(images: np.ndarray) -> np.ndarray:
             labels = gender.judge("gender", images, [{}] * len(images)).labels
             return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan) for g in labels])
         return judge
-    return ctx.cache("judge:debias", make)
+    return ctx.cache(f"judge:debias:{name}", make)
 
 
 def _refact_stats(ctx, h, fresh: bool = False):
@@ -179,7 +182,7 @@ def compute_edit(ctx, table: dict, fresh_stats: bool = False):
         professions = table.get("professions", [])
         if _organism(ctx) and not preserve:
             preserve = editing.organism_profession_preserve(professions)
-        return editing.uce_debias(model, professions, _judge_flags(ctx), h, preserve=preserve,
+        return editing.uce_debias(model, professions, _judge_flags(ctx, table.get("judge")), h, preserve=preserve,
                                   progress=ctx.progress)
     if method == "refact":
         from editing.refact import request_from_road
@@ -426,7 +429,24 @@ def finetune_cell(ctx, cell, st) -> None:
     _write_finetune(st, f"M_ft.{cell.finetune}", cell.variant, result)
     st.require_metric(cell.variant, "cost.finetune_seconds", time.time() - t0, attrs={"kind": "cost"})
     suites = suites_for(ctx, [e["id"] for e in ctx.exp.edits])
-    _evaluate(ctx, st, {cell.variant: result.delta}, suites, pairs=[])
+    with _ft_context(ctx, result):
+        _evaluate(ctx, st, {cell.variant: result.delta}, suites, pairs=[])
+
+
+def _ft_context(ctx, ft):
+    """For a textual-inversion result: finetuning.placeholder with the token's initial
+    embeddings, so its (V + n)-row delta at text.embed.token applies (docs/finetuning.md); for
+    any other fine-tune, nothing."""
+    from contextlib import nullcontext
+
+    info = getattr(ft, "info", None) or {}
+    if "initial_embeds" not in info or "token" not in info:
+        return nullcontext()
+    import torch
+
+    from finetuning import placeholder
+
+    return placeholder(ctx.model, info["token"], torch.tensor(info["initial_embeds"], dtype=torch.float32))
 
 
 def edit_finetune_cell(ctx, cell, st) -> None:
@@ -438,42 +458,43 @@ def edit_finetune_cell(ctx, cell, st) -> None:
     ft = _finetune(ctx, table, base_delta=d_ed)
     _write_finetune(st, f"M_ed_ft.{cell.edit}.{cell.finetune}", cell.variant, ft)
     st.require_metric(cell.variant, "cost.finetune_seconds", time.time() - t0, attrs={"kind": "cost"})
-    ed_name = f"M_ed/{cell.edit}"
-    variants = {ed_name: d_ed, cell.variant: d_ed + ft.delta}
-    pairs = [(ed_name, cell.variant)]
-    causal = list(ctx.exp.probes.get("causal", []))
-    tail = f"{cell.edit}/{cell.finetune}"
-    if "project-out" in causal:
-        from probes.causal import project_out
+    with _ft_context(ctx, ft):  # textual inversion: its placeholder token exists inside
+        ed_name = f"M_ed/{cell.edit}"
+        variants = {ed_name: d_ed, cell.variant: d_ed + ft.delta}
+        pairs = [(ed_name, cell.variant)]
+        causal = list(ctx.exp.probes.get("causal", []))
+        tail = f"{cell.edit}/{cell.finetune}"
+        if "project-out" in causal:
+            from probes.causal import project_out
 
-        variants[f"M_cf/{tail}"] = d_ed + project_out(ft.delta, d_ed, keys)
-        pairs.append((ed_name, f"M_cf/{tail}"))
-    edit_table = ctx.exp.edit(cell.edit)
-    if "order-swap" in causal:
-        from models import apply_delta
+            variants[f"M_cf/{tail}"] = d_ed + project_out(ft.delta, d_ed, keys)
+            pairs.append((ed_name, f"M_cf/{tail}"))
+        edit_table = ctx.exp.edit(cell.edit)
+        if "order-swap" in causal:
+            from models import apply_delta
 
-        with apply_delta(ctx.model, ft.delta):
-            swapped = compute_edit(ctx, edit_table, fresh_stats=True)
-        variants[f"M_swap/{tail}"] = ft.delta + swapped.delta
-        pairs.append((ed_name, f"M_swap/{tail}"))
-    if "re-edit" in causal:
-        from models import apply_delta
+            with apply_delta(ctx.model, ft.delta):
+                swapped = compute_edit(ctx, edit_table, fresh_stats=True)
+            variants[f"M_swap/{tail}"] = ft.delta + swapped.delta
+            pairs.append((ed_name, f"M_swap/{tail}"))
+        if "re-edit" in causal:
+            from models import apply_delta
 
-        t1 = time.time()
-        with apply_delta(ctx.model, d_ed + ft.delta):
-            again = compute_edit(ctx, edit_table, fresh_stats=True)
-        cost = time.time() - t1
-        variants[f"M_reed/{tail}"] = d_ed + ft.delta + again.delta
-        pairs.append((ed_name, f"M_reed/{tail}"))
-        st.require_metric(f"M_reed/{tail}", "cost.reedit_seconds", cost, attrs={"kind": "cost"})
-        st.require_metric(f"M_reed/{tail}", "cost.reedit_rel_norm",
-                          _rel_norm(again.delta, d_ed), attrs={"kind": "cost"})
-    suites = suites_for(ctx, [cell.edit])
-    _evaluate(ctx, st, variants, suites, pairs=pairs)
-    if ctx.exp.probes.get("weights", True):
-        _weight_probes(ctx, st, cell, d_ed, keys, ft)
-    if ctx.exp.probes.get("neurons", False):
-        _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, table)
+            t1 = time.time()
+            with apply_delta(ctx.model, d_ed + ft.delta):
+                again = compute_edit(ctx, edit_table, fresh_stats=True)
+            cost = time.time() - t1
+            variants[f"M_reed/{tail}"] = d_ed + ft.delta + again.delta
+            pairs.append((ed_name, f"M_reed/{tail}"))
+            st.require_metric(f"M_reed/{tail}", "cost.reedit_seconds", cost, attrs={"kind": "cost"})
+            st.require_metric(f"M_reed/{tail}", "cost.reedit_rel_norm",
+                              _rel_norm(again.delta, d_ed), attrs={"kind": "cost"})
+        suites = suites_for(ctx, [cell.edit])
+        _evaluate(ctx, st, variants, suites, pairs=pairs)
+        if ctx.exp.probes.get("weights", True):
+            _weight_probes(ctx, st, cell, d_ed, keys, ft)
+        if ctx.exp.probes.get("neurons", False):
+            _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, table)
 
 
 def _rel_norm(a, b) -> float:
