@@ -8,6 +8,11 @@ Offers
                                           step: VAE and text encoder run every step), their
                                           ratio, and full fine-tuning's step time and peak memory
     bench_rows(device, quick) -> list[dict]   the same as rows for `fadelab bench`
+    family_step_benchmark(family, device, ...) -> dict   one fine-tuning step (full and UNet /
+                                          transformer LoRA) of SDXL or FLUX.1-schnell with random
+                                          weights at the family's native resolution (1024 px):
+                                          seconds per step and peak memory (issue 8)
+    family_rows(device, families, quick) -> list[dict]   the same as rows for `fadelab bench`
 
 What the ratio isolates: both sides run the same loop (SDPA attention, bf16 autocast, AdamW,
 images already in memory), so it is the cost of the per-step VAE encode and text encode that
@@ -104,3 +109,73 @@ def bench_rows(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]
          "notes": setting + "; AdamW fp32 master weights; no baseline measured",
          "peak_mem": int(full_peak * 2**30) if full_peak else None, "extra": {}},
     ]
+
+
+#: family -> (native resolution in pixels, T5 tokens): SDXL 1024 px (unet sample_size 128 x 8);
+#: FLUX.1-schnell 1024 px (the pipeline's default_sample_size 128 x 8) and 256 T5 tokens (its card)
+FAMILY_NATIVE = {"sdxl": (1024, None), "flux-schnell": (1024, 256)}
+
+
+def family_step_benchmark(family: str, device: str = "cuda", *, methods: tuple[str, ...] = ("full", "lora"),
+                          steps: int = 8, batch: int = 1, resolution: int | None = None, scale: float = 1.0,
+                          n_images: int = 8, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """One fine-tuning step of `family` ("sdxl" or "flux-schnell") with random weights
+    (models.load(family, "random", scale)): step time (steps after the first three) and peak
+    memory of each method (full: every denoiser parameter, AdamW fp32 master weights; lora: the
+    denoiser's to_q/k/v/out at rank 4), cached latents and text, bf16 autocast on CUDA, at the
+    family's native resolution unless `resolution` is given. The full-size models are large (SDXL
+    UNet 2.6 B, FLUX transformer 11.9 B parameters: full fine-tuning of FLUX in fp32 with AdamW
+    needs about 190 GB and does not fit one GPU); a method that runs out of memory is reported as
+    {"error": "out of memory"} and the others still run."""
+    import models
+
+    from .hparams import defaults
+    from .loop import train
+
+    native, t5 = FAMILY_NATIVE[family]
+    resolution = resolution or native
+    t0 = time.perf_counter()
+    model = models.load(family, "random", scale=scale, device=device, seed=seed)
+    out: dict[str, Any] = {"family": family, "device": str(device), "scale": scale, "resolution": resolution,
+                           "batch": batch, "steps": steps, "load_seconds": round(time.perf_counter() - t0, 1)}
+    data = synthetic_images(n_images, resolution, seed)
+    for method in methods:
+        extra = {"target": "unet"} if method in ("lora", "dora") else {"grad_accum": 1}
+        hp = defaults(method, family, steps=steps, batch_size=batch, resolution=resolution,
+                      max_sequence_length=t5, **extra)
+        try:
+            r = train(model, data, hp, seed=seed, progress=progress)
+        except torch.OutOfMemoryError:
+            out[method] = {"error": "out of memory"}
+        else:
+            out[method] = {"step_seconds": r.info["step_seconds"], "seconds": r.info["seconds"],
+                           "peak_memory_gib": r.info.get("peak_memory_gib"), "parameters": r.info.get("parameters"),
+                           "attention": r.info["attention"], "bf16_autocast": r.info["bf16_autocast"],
+                           "loss_last": float(r.loss[-1])}
+            del r
+        log.info("%s %s: %s", family, method, out[method])
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def family_rows(device: str = "cuda", families: tuple[str, ...] = ("sdxl", "flux-schnell"),
+                quick: bool = False) -> list[dict[str, Any]]:
+    """`fadelab bench` rows: one fine-tuning step (full, UNet/transformer LoRA) per family, with peak
+    memory. quick: scale 0.25 at 512 px (a smoke run, not the issue's measurement)."""
+    date = time.strftime("%Y-%m-%d")
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    rows = []
+    for family in families:
+        kw = dict(scale=0.25, resolution=512, steps=5) if quick else {}
+        m = family_step_benchmark(family, device, **kw)
+        setting = (f"{family} random weights (scale {m['scale']:g}), {m['resolution']} px, batch {m['batch']}, "
+                   "bf16 autocast, cached latents and text")
+        for method in ("full", "lora"):
+            entry = m.get(method, {})
+            peak = entry.get("peak_memory_gib")
+            rows.append({"benchmark": f"finetune: {family} {method} step", "device": name, "date": date,
+                         "fadelab": entry.get("step_seconds"), "baseline": None, "unit": "s/step", "ratio": None,
+                         "notes": setting + ("; " + entry["error"] if "error" in entry else ""),
+                         "peak_mem": int(peak * 2**30) if peak else None, "extra": entry})
+    return rows

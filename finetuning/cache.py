@@ -8,10 +8,13 @@ Offers
     LatentCache.shared(vae, dataset, resolution, ...)  build, or reuse the cache of an earlier
                                                        fine-tune in this process when the VAE's
                                                        weights and the image folder are unchanged
-    TextCache.build(tokenizer, captions)               token ids per unique caption, and the
-                                                       caption row of every dataset index
-    TextCache.encode(text_encoder, ...)                the frozen text encoder's hidden states
-                                                       per unique caption
+    TextCache.build(tokenizer(s), captions)            token ids per unique caption (one set per
+                                                       tokenizer), and the caption row of every
+                                                       dataset index
+    TextCache.encode(text_encoder or fn, ...)          the frozen text encoders' outputs per
+                                                       unique caption (SD1.x: hidden states;
+                                                       SDXL: hidden + pooled; FLUX: T5 hidden +
+                                                       CLIP pooled; see finetuning/objectives.py)
     encode_prompt(text_encoder, ids)                   SD's conditioning: the last hidden state
 
 Keys are dataset indices, never loader positions: the loop draws indices, and a reshuffled epoch
@@ -30,6 +33,7 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -146,42 +150,74 @@ def encode_prompt(text_encoder: nn.Module, ids: Tensor) -> Tensor:
 
 @dataclass
 class TextCache:
-    """Token ids per unique caption, the caption row of every dataset index, and (for a frozen
-    text encoder) the hidden states per unique caption.
+    """Token ids per unique caption, the caption row of every dataset index, and (for frozen text
+    encoders) their outputs per unique caption.
+
+    One tokenizer (SD1.x) keeps plain tensors; several (SDXL's two CLIP towers, FLUX's CLIP and
+    T5) keep a tuple with one entry per tokenizer, and the encoder's outputs as a tuple too (SDXL:
+    hidden states and pooled embedding; FLUX: T5 hidden states and CLIP's pooled output).
 
     Attributes:
-        ids: (U, L) token ids, padded to the tokenizer's model_max_length as SD pipelines do.
+        ids: (U, L) token ids, padded to the tokenizer's model_max_length as SD pipelines do (or
+            to the given max_length); a tuple of them for several tokenizers.
         row: (N,) index into `ids` for every dataset index.
-        hidden: (U, L, D) float32 hidden states, or None while the text encoder trains.
+        hidden: (U, L, D) float32 hidden states (or a tuple of per-caption outputs), or None while
+            a text encoder trains.
         texts: the U unique captions.
     """
 
-    ids: Tensor
+    ids: Tensor | tuple[Tensor, ...]
     row: Tensor
-    hidden: Tensor | None
+    hidden: Tensor | tuple[Tensor, ...] | None
     texts: list[str]
 
     @classmethod
-    def build(cls, tokenizer, captions: list[str], device: torch.device | None = None) -> TextCache:
+    def build(cls, tokenizer, captions: list[str], device: torch.device | None = None,
+              max_length: int | list[int | None] | None = None) -> TextCache:
+        """Tokenize the unique captions with `tokenizer` (or a list of tokenizers, each padded to
+        its `max_length` entry, None: its model_max_length)."""
         texts = sorted(set(captions))
         where = {t: i for i, t in enumerate(texts)}
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        several = isinstance(tokenizer, (list, tuple))
+        tokenizers = list(tokenizer) if several else [tokenizer]
+        lengths = list(max_length) if isinstance(max_length, (list, tuple)) else [max_length] * len(tokenizers)
+        ids = tuple(tok(texts, padding="max_length", max_length=n or tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device) for tok, n in zip(tokenizers, lengths))
         row = torch.tensor([where[c] for c in captions], dtype=torch.long)
-        return cls(ids.to(device), row.to(device), None, texts)
+        return cls(ids if several else ids[0], row.to(device), None, texts)
 
     @torch.no_grad()
-    def encode(self, text_encoder: nn.Module, *, batch: int = 256, bf16: bool = True) -> TextCache:
-        """Fill `hidden` with the (frozen) text encoder's states for every unique caption."""
-        device = next(text_encoder.parameters()).device
-        out = []
-        for i in range(0, len(self.ids), batch):
+    def encode(self, text_encoder: nn.Module | Callable, *, batch: int = 256, bf16: bool = True,
+               device: torch.device | None = None) -> TextCache:
+        """Fill `hidden` with the (frozen) text encoder's states for every unique caption.
+
+        `text_encoder` is a module (SD1.x: its last hidden state) or a function of the ids (a
+        tuple for several tokenizers) returning a tensor or a tuple of tensors, run under bf16
+        autocast on `device` (default: the module's)."""
+        if isinstance(text_encoder, nn.Module):
+            device = device or next(text_encoder.parameters()).device
+            module = text_encoder
+            text_encoder = lambda ids: encode_prompt(module, ids.to(device))  # noqa: E731
+        device = device or torch.device("cpu")
+        several = isinstance(self.ids, tuple)
+        n = len(self.ids[0] if several else self.ids)
+        out: list[Any] = []
+        for i in range(0, n, batch):
+            ids = tuple(x[i:i + batch] for x in self.ids) if several else self.ids[i:i + batch]
             with _autocast(device, bf16):
-                out.append(encode_prompt(text_encoder, self.ids[i:i + batch].to(device)).float())
-        self.hidden = torch.cat(out)
+                out.append(text_encoder(ids))
+        if isinstance(out[0], tuple):
+            self.hidden = tuple(torch.cat([o[k] for o in out]).float() for k in range(len(out[0])))
+        else:
+            self.hidden = torch.cat(out).float()
         return self
 
-    def for_indices(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(token ids, cached hidden states or None) for dataset `indices`."""
+    def for_indices(self, indices: Tensor) -> tuple[Any, Any]:
+        """(token ids, cached outputs or None) for dataset `indices` (tuples where the cache holds
+        tuples)."""
         rows = self.row[indices]
-        return self.ids[rows], None if self.hidden is None else self.hidden[rows]
+
+        def take(x):
+            return tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows]
+
+        return take(self.ids), None if self.hidden is None else take(self.hidden)

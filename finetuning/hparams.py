@@ -62,7 +62,10 @@ class TrainHParams:
         sample_latents: draw z ~ N(mean, std) from the cached VAE posterior each step (the
             recipes' latent_dist.sample()); False uses the posterior mean.
         resolution: training resolution in pixels; None: the model's own (unet sample_size x
-            the VAE's scale factor: 512 for SD1.4, 64 for the organism).
+            the VAE's scale factor: 512 for SD1.4, 64 for the organism, 1024 for SDXL; FLUX's
+            default_sample_size x 8 = 1024; FLUX needs a multiple of 16).
+        max_sequence_length: T5 tokens FLUX reads (the recipes' --max_sequence_length); None:
+            256 for schnell, 512 otherwise (the pipelines' defaults). Unused by CLIP-only families.
     """
 
     method: ClassVar[str] = ""
@@ -89,6 +92,7 @@ class TrainHParams:
     cache: bool = True
     sample_latents: bool = True
     resolution: int | None = None
+    max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -108,6 +112,9 @@ class TrainHParams:
             raise FadelabError(f"{self.method} hparams: snr_gamma={self.snr_gamma!r}; give a positive number or None")
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
             raise FadelabError(f"{self.method} hparams: resolution={self.resolution!r}; give pixels (>= 8) or None")
+        n = self.max_sequence_length
+        if n is not None and (not isinstance(n, int) or not 1 <= n <= 512):
+            raise FadelabError(f"{self.method} hparams: max_sequence_length={n!r}; give 1..512 T5 tokens or None")
 
 
 def _choice(hp: Any, name: str, accepted: tuple[str, ...]) -> None:

@@ -5,23 +5,26 @@ Offers
     process_device(cpu=False)        the device this process trains on (cuda:LOCAL_RANK under
                                      `accelerate launch`), to load the model onto before train
 
-The objective is the latent-diffusion loss (Rombach et al. 2022, eq. 2) with the scheduler's
-parameterisation,
+The objective depends on the family and lives in finetuning/objectives.py (chosen by the pipeline's
+components): for SD1.x-style pipelines and SDXL the latent-diffusion loss (Rombach et al. 2022,
+eq. 2) with the scheduler's parameterisation,
 
     L = E_{z0, c, eps, t} w(t) || target - eps_theta(z_t, t, tau(c)) ||^2,
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,     target = eps  (or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0),
 
 w(t) = 1, or min(SNR(t), gamma) / SNR(t) with min-SNR weighting (Hang et al. 2023, eq. 9; divided
-by SNR + 1 for v). DreamBooth adds prior_loss_weight times the same loss on class images (Ruiz et
-al. 2023, eq. 2).
+by SNR + 1 for v), SDXL's conditioning adding the pooled embedding and time ids; for FLUX
+rectified flow matching, z_t = (1 - sigma) z0 + sigma eps with target eps - z0. DreamBooth adds
+prior_loss_weight times the same loss on class images (Ruiz et al. 2023, eq. 2).
 
 How a run goes:
   1. The base delta (an edit) is applied to the loaded model with models.apply_delta for the whole
      run and restored bit for bit at the end, also on error; the model is never left changed.
   2. The method makes float32 working copies of what it trains (and DreamBooth generates its class
      images with the edited model); frozen parts are the loaded model's own modules.
-  3. With hp.cache, VAE latents (posterior mean and std) and, when the text encoder is frozen,
-     text embeddings are computed once and looked up by dataset index each step.
+  3. With hp.cache, VAE latents (posterior mean and std) and, when the text encoders are frozen,
+     the family's text conditioning (SD1.x: hidden states; SDXL: hidden + pooled; FLUX: T5
+     hidden + CLIP pooled) are computed once and looked up by dataset index each step.
   4. Each micro-batch draws dataset indices from a permutation per epoch seeded by (seed, epoch)
      and its noise from a generator seeded by (seed, micro-batch, process), so a resumed run is
      the uninterrupted one.
@@ -48,17 +51,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.delta import WeightDelta, apply_delta
 from models.errors import FadelabError
 
 from . import state as state_io
-from .cache import LatentCache, TextCache, encode_pixels, encode_prompt
+from .cache import LatentCache, TextCache, encode_pixels
 from .data import as_dataset
 from .hparams import TrainHParams, to_dict
 from .methods import Method, make_method
+from .objectives import Objective, default_resolution, family_kind, make_objective
 from .result import FineTuneResult, NonFiniteLoss
 
 log = logging.getLogger(__name__)
@@ -78,12 +81,17 @@ def _check_model(model: Any) -> None:
     pipe = getattr(model, "pipe", None)
     if pipe is None or not isinstance(getattr(model, "sites", None), dict):
         raise FadelabError(f"train needs a models.Model (models.load(...)), got {type(model).__name__}")
-    missing = [c for c in ("unet", "text_encoder", "tokenizer", "vae", "scheduler") if getattr(pipe, c, None) is None]
-    if missing or getattr(pipe, "text_encoder_2", None) is not None:
-        raise FadelabError(
-            f"fine-tuning supports Stable-Diffusion-1.x-style pipelines (one CLIP text encoder and a UNet: "
-            f"sd14, organism, SD1.x folders); {getattr(model, 'family', '?')} has "
-            f"{'no ' + missing[0] if missing else 'a second text encoder'}")
+    try:
+        family_kind(pipe)
+    except FadelabError as e:
+        raise FadelabError(f"{getattr(model, 'family', '?')}: {e}") from None
+
+
+def _check_method(model: Any, hp: TrainHParams, kind: str) -> None:
+    """Refuse what a family cannot train, in one line naming the family and what it accepts."""
+    if kind != "sd" and hp.method == "textual-inversion":
+        raise FadelabError(f"textual-inversion trains SD1.x-style families only (one CLIP text encoder: organism, "
+                           f"sd14, SD1.x folders); {model.family} ({kind}) accepts full, lora, dora and dreambooth")
 
 
 def _work_model(model: Any, components: dict[str, Any]) -> Any:
@@ -137,15 +145,17 @@ def _autocast(device: torch.device, hp: TrainHParams):
 class _Source:
     """One image set (the data, or DreamBooth's class images) with its caches."""
 
-    def __init__(self, dataset, captions: list[str], model: Any, tokenizer, text_encoder, hp: TrainHParams,
+    def __init__(self, dataset, captions: list[str], model: Any, work: Any, objective: Objective, hp: TrainHParams,
                  resolution: int, frozen_text: bool, device: torch.device, progress: bool) -> None:
         self.dataset, self.resolution, self.hp = dataset, resolution, hp
         bf16 = hp.mixed_precision == "bf16"
         self.latents = LatentCache.shared(model.vae, dataset, resolution, bf16=bf16, device=device,
                                           progress=progress) if hp.cache else None
-        self.text = TextCache.build(tokenizer, captions, device=device)
+        tokenizers, lengths = objective.tokenizers(work.pipe)
+        self.text = TextCache.build(tokenizers, captions, device=device, max_length=lengths)
         if hp.cache and frozen_text:
-            self.text.encode(text_encoder, bf16=bf16)
+            encoders = [getattr(work.pipe, c) for c in objective.text_components]
+            self.text.encode(lambda ids: objective.encode(encoders, ids), bf16=bf16, device=device)
         self.vae = model.vae
 
     def __len__(self) -> int:
@@ -166,21 +176,17 @@ class _Run:
     """One train() call's training state: the prepared modules, optimizer and schedule; `step(k)`
     runs optimizer step k."""
 
-    def __init__(self, model, method: Method, hp: TrainHParams, acc, sources, seed: int) -> None:
-        from diffusers import DDPMScheduler
+    def __init__(self, model, work, method: Method, objective: Objective, hp: TrainHParams, acc, sources,
+                 seed: int) -> None:
         from diffusers.optimization import get_scheduler
 
         self.method, self.hp, self.acc, self.seed, self.sources = method, hp, acc, seed, sources
+        self.objective = objective
         self.device = acc.device
-        self.noise = DDPMScheduler.from_config(model.scheduler.config)
-        if self.noise.config.prediction_type not in ("epsilon", "v_prediction"):
-            raise FadelabError(f"prediction_type {self.noise.config.prediction_type!r} is not supported; "
-                               "epsilon and v_prediction are")
-        self.noise.alphas_cumprod = self.noise.alphas_cumprod.to(self.device)
         trained = {n: m for n, m in method.components.items() if isinstance(m, nn.Module)}
-        self.unet = trained.get("unet", model.pipe.unet)  # unwrapped, for configs and dtypes
-        self.text_trained = "text_encoder" in trained
-        self.latent_size = sources[0].resolution // model.pipe.vae_scale_factor
+        # unwrapped, for configs and dtypes
+        self.denoiser = trained.get(objective.denoiser, getattr(model.pipe, objective.denoiser))
+        self.text_trained = any(c in trained for c in objective.text_components)
         self.named = method.named_parameters()
         self.lr = hp.lr * (hp.batch_size * hp.grad_accum * acc.num_processes if hp.scale_lr else 1)
         optimizer = _optimizer(hp, [p for _, p in self.named], self.lr)
@@ -189,8 +195,8 @@ class _Run:
         prepared = acc.prepare(*trained.values(), optimizer)  # device placement, DDP wrapping
         self.wrapped = dict(zip(trained, prepared[:-1]))
         self.optimizer = prepared[-1]
-        self.unet_call = self.wrapped.get("unet", model.pipe.unet)
-        self.text_call = self.wrapped.get("text_encoder", model.pipe.text_encoder)
+        self.denoiser_call = self.wrapped.get(objective.denoiser, self.denoiser)
+        self.text_calls = [self.wrapped.get(c, getattr(work.pipe, c)) for c in objective.text_components]
 
     def step(self, step: int) -> Tensor:
         """Optimizer step `step` (1-based): grad_accum micro-batches (DDP gradient sync on the last
@@ -214,14 +220,14 @@ class _Run:
         self.method.after_step()
         return acc.gather(total[None]).mean()
 
-    def _condition(self, source: _Source, idx: Tensor) -> Tensor:
+    def _condition(self, source: _Source, idx: Tensor) -> tuple[Tensor, ...]:
         ids, hidden = source.text.for_indices(idx.to(source.text.row.device))
         if hidden is not None:
-            return hidden
+            return hidden if isinstance(hidden, tuple) else (hidden,)
         if self.text_trained:
-            return encode_prompt(self.text_call, ids)
+            return self.objective.encode(self.text_calls, ids)
         with torch.no_grad():
-            return encode_prompt(self.text_call, ids)
+            return self.objective.encode(self.text_calls, ids)
 
     def micro_loss(self, micro: int) -> Tensor:
         """The loss of micro-batch number `micro` on this process.
@@ -229,12 +235,14 @@ class _Run:
         Indices, latent samples, noise and timesteps are drawn for the global batch (every
         process's share) from one generator seeded by (seed, micro), and each process takes its
         slice: N processes with batch b compute exactly the batches of one process with batch N b.
+        The family's objective (finetuning/objectives.py) draws the noise and timesteps and
+        computes the per-sample loss.
         """
         hp, acc = self.hp, self.acc
         g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + micro)
         per_process, total = hp.batch_size, hp.batch_size * acc.num_processes
         mine = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
-        shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
+        shape = self.objective.latent_shape
         zs, conds, sizes = [], [], []
         for k, source in enumerate(self.sources):
             idx = epoch_indices(len(source), micro * total, total, self.seed + 7919 * k)[mine].to(self.device)
@@ -243,24 +251,13 @@ class _Run:
             conds.append(self._condition(source, idx))
             sizes.append(len(idx))
         z0 = torch.cat(zs).float()
-        cond = torch.cat(conds)
+        cond = tuple(torch.cat(parts) for parts in zip(*conds))
         n = len(self.sources) * total
-        eps = torch.randn((n, *shape), generator=g, device=self.device)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g, device=self.device)
+        eps, t = self.objective.draw(g, n)
         take = torch.cat([torch.arange(k * total, (k + 1) * total)[mine] for k in range(len(self.sources))])
         eps, t = eps[take.to(self.device)], t[take.to(self.device)]
-        zt = self.noise.add_noise(z0, eps, t)
-        target = eps if self.noise.config.prediction_type == "epsilon" else self.noise.get_velocity(z0, eps, t)
-        dtype = next(self.unet.parameters()).dtype
-        with _autocast(self.device, hp):
-            pred = self.unet_call(zt.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
-        per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if hp.snr_gamma is not None:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(self.noise, t)
-            w = torch.clamp(snr, max=hp.snr_gamma)
-            per = per * (w / (snr + 1) if self.noise.config.prediction_type == "v_prediction" else w / snr)
+        dtype = next(self.denoiser.parameters()).dtype
+        per = self.objective.per_sample(self.denoiser_call, z0, eps, t, cond, dtype)  # (B,)
         parts = per.split(sizes)
         loss = parts[0].mean()
         if len(parts) > 1:  # DreamBooth: instance loss + w * prior loss
@@ -304,7 +301,8 @@ def train(
 
     Args:
         model: a models.Model of an SD1.x-style family (sd14, organism, a local SD1.x folder),
-            on the device that trains (under `accelerate launch`: `process_device()`).
+            SDXL or FLUX (textual inversion: SD1.x only), on the device that trains (under
+            `accelerate launch`: `process_device()`).
         data: an imagefolder path (metadata.jsonl with file_name + text), an ImageFolder or
             ImageTensors. DreamBooth and textual inversion read the class word from a "class"
             column when their hparams do not give it.
@@ -350,8 +348,11 @@ def train(
             model.device.index is not None and acc.device.index not in (None, model.device.index)):
         raise FadelabError(f"the model is on {model.device} but this process trains on {acc.device}; "
                            "load it with device=finetuning.process_device()")
+    kind = family_kind(model.pipe)
+    _check_method(model, hp, kind)
     method = make_method(hp)
-    resolution = hp.resolution or model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
+    resolution = hp.resolution or default_resolution(model.pipe)
+    objective = make_objective(model, hp, resolution, acc.device)
     state_dir = Path(state_dir) if state_dir is not None else None
     hooks: list[Any] = []
     t_start = time.perf_counter()
@@ -361,17 +362,17 @@ def train(
         if base_delta is not None:
             stack.enter_context(apply_delta(model, base_delta))
         torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
-        method.make_prior(model, dataset, seed, progress and acc.is_main_process)
+        method.make_prior(model, dataset, seed, progress and acc.is_main_process, resolution)
         work = _work_model(model, method.prepare(model, dataset))
         if trainable is not None:
             _freeze(method, trainable)
         frozen_text = not method.text_trainable
-        sources = [_Source(dataset, method.captions(dataset), model, work.pipe.tokenizer, work.pipe.text_encoder,
-                           hp, resolution, frozen_text, acc.device, progress and acc.is_main_process)]
+        sources = [_Source(dataset, method.captions(dataset), model, work, objective, hp, resolution, frozen_text,
+                           acc.device, progress and acc.is_main_process)]
         if method.prior is not None:
-            sources.append(_Source(method.prior, method.prior.captions, model, work.pipe.tokenizer,
-                                   work.pipe.text_encoder, hp, resolution, frozen_text, acc.device, False))
-        run = _Run(model, method, hp, acc, sources, seed)
+            sources.append(_Source(method.prior, method.prior.captions, model, work, objective, hp, resolution,
+                                   frozen_text, acc.device, False))
+        run = _Run(model, work, method, objective, hp, acc, sources, seed)
         if grad_hook is not None:
             hooks = [p.register_hook(lambda g, n=n, p=p: grad_hook(n, g, p)) for n, p in run.named
                      if p.requires_grad]
@@ -461,7 +462,8 @@ def train(
             "family": model.family, "weights": model.weights, "cache": hp.cache,
             "bf16_autocast": hp.mixed_precision == "bf16" and acc.device.type == "cuda",
             "base_delta": base_delta.provenance if base_delta is not None else None,
-            "attention": sorted({type(p).__name__ for p in run.unet.attn_processors.values()}),
+            "attention": sorted({type(p).__name__ for p in run.denoiser.attn_processors.values()}),
+            **objective.info(),
             "seconds": round(t_end - t_start, 3),
             "step_seconds": (t_end - t_warm) / (hp.steps - warm) if hp.steps > warm else None,
             **method.info(),

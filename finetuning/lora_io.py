@@ -4,7 +4,8 @@ Offers
     lora_state_dicts(components)             {component: peft state dict} of LoRA/DoRA working copies
     save_lora(folder, pipeline_cls, states, configs) -> Path
                                              pytorch_lora_weights.safetensors in diffusers' LoRA
-                                             format (keys "unet.*" / "text_encoder.*", with the
+                                             format (keys "unet.*" / "transformer.*" /
+                                             "text_encoder.*" / "text_encoder_2.*", with the
                                              LoraConfig as adapter metadata), read by
                                              `pipe.load_lora_weights(folder)`
     save_textual_inversion(folder, token, embeds) -> Path
@@ -56,18 +57,21 @@ def _metadata(config: Any) -> dict[str, Any]:
 def save_lora(folder: Path | str, pipeline_cls: Any, states: dict[str, dict[str, Tensor]],
               configs: dict[str, Any]) -> Path:
     """Write folder/pytorch_lora_weights.safetensors with the pipeline class's save_lora_weights."""
-    unknown = sorted(set(states) - {"unet", "text_encoder"})
+    import inspect
+
+    accepted = inspect.signature(pipeline_cls.save_lora_weights).parameters
+    unknown = sorted(c for c in states if f"{c}_lora_layers" not in accepted)
     if unknown:
-        raise FadelabError(f"cannot save a LoRA for component {unknown[0]!r}; diffusers' SD format holds unet and text_encoder")
+        known = [k.removesuffix("_lora_layers") for k in accepted if k.endswith("_lora_layers")]
+        raise FadelabError(f"cannot save a LoRA for component {unknown[0]!r}; {pipeline_cls.__name__}'s LoRA format "
+                           f"holds {', '.join(known)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
-    if "unet" in states:
-        kwargs["unet_lora_layers"] = states["unet"]
-        kwargs["unet_lora_adapter_metadata"] = _metadata(configs["unet"])
-    if "text_encoder" in states:
-        kwargs["text_encoder_lora_layers"] = states["text_encoder"]
-        kwargs["text_encoder_lora_adapter_metadata"] = _metadata(configs["text_encoder"])
+    for component, state in states.items():  # unet / transformer / text_encoder / text_encoder_2
+        kwargs[f"{component}_lora_layers"] = state
+        if f"{component}_lora_adapter_metadata" in accepted:
+            kwargs[f"{component}_lora_adapter_metadata"] = _metadata(configs[component])
     pipeline_cls.save_lora_weights(str(folder), safe_serialization=True, **kwargs)
     return folder / LORA_FILE
 

@@ -4,10 +4,11 @@ Offers
     Method            the small protocol the loop drives (prepare, parameters, after_step, delta,
                       adapter, state); every method trains working copies of components, never
                       the loaded model
-    Full              every UNet parameter (and optionally the text encoder's); dense deltas at
-                      every parameter site, EMA optional
-    Lora              LoRA or DoRA through peft on the text encoder, the UNet or both; deltas as
-                      low-rank factors (LoRA, exact) or dense (DoRA)
+    Full              every parameter of the denoiser (the UNet; FLUX's transformer) and
+                      optionally of the text encoder(s); dense deltas at every parameter site,
+                      EMA optional
+    Lora              LoRA or DoRA through peft on the text encoder(s), the denoiser or both;
+                      deltas as low-rank factors (LoRA, exact) or dense (DoRA)
     DreamBooth        Full plus prior preservation on class images the model generates itself
     make_method(hp)   the Method for a hparams dataclass (textual inversion: finetuning.textual_inversion)
     SiteNamer         parameter -> site name ("unet.xattn.0.to_k", "unet.conv_in.bias")
@@ -40,8 +41,8 @@ from .hparams import DreamBoothHParams, FullHParams, LoraHParams, TrainHParams
 
 log = logging.getLogger(__name__)
 
-#: pipeline components the methods can train
-TRAINABLE = ("unet", "text_encoder")
+#: pipeline components the methods can train (which ones a family has: finetuning.objectives)
+TRAINABLE = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 class SiteNamer:
@@ -98,8 +99,9 @@ class Method:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def make_prior(self, model: Any, dataset: Any, seed: int, progress: bool) -> None:
-        """Data the method generates with the (base + base delta) model before training."""
+    def make_prior(self, model: Any, dataset: Any, seed: int, progress: bool, resolution: int | None = None) -> None:
+        """Data the method generates with the (base + base delta) model before training (at
+        `resolution` pixels where the family's sampler takes a size)."""
 
     def prepare(self, model: Any, dataset: Any) -> dict[str, Any]:
         """Make the working copies; returns {component name: copy} for the working pipeline."""
@@ -147,7 +149,8 @@ class Method:
 
 
 class Full(Method):
-    """Every parameter of the UNet (and of the text encoder when hp.train_text_encoder)."""
+    """Every parameter of the denoiser (UNet, or FLUX's transformer) and of the text encoder(s)
+    when hp.train_text_encoder (SDXL: both CLIP towers; FLUX: CLIP, T5 stays frozen)."""
 
     name = "full"
 
@@ -157,8 +160,11 @@ class Full(Method):
         self.ema = None
 
     def prepare(self, model: Any, dataset: Any) -> dict[str, Any]:
+        from .objectives import denoiser_name, text_encoder_names
+
         self.namer = SiteNamer(model.sites)
-        names = ["unet"] + (["text_encoder"] if self.hp.train_text_encoder else [])
+        names = [denoiser_name(model.pipe)]
+        names += list(text_encoder_names(model.pipe)) if self.hp.train_text_encoder else []
         self.text_trainable = self.hp.train_text_encoder
         for name in names:
             original = getattr(model.pipe, name)
@@ -223,9 +229,7 @@ class DreamBooth(Full):
 
     name = "dreambooth"
 
-    def make_prior(self, model: Any, dataset: Any, seed: int, progress: bool) -> None:
-        from models.organism.sample import generate
-
+    def make_prior(self, model: Any, dataset: Any, seed: int, progress: bool, resolution: int | None = None) -> None:
         from .data import ImageTensors
 
         hp: DreamBoothHParams = self.hp
@@ -234,15 +238,50 @@ class DreamBooth(Full):
             return
         n = hp.num_class_images
         seeds = [int(s) for s in torch.randint(2**31 - 1, (n,), generator=torch.Generator().manual_seed(seed + 7))]
-        images = generate(model.pipe, [self.class_prompt] * n, seeds, steps=hp.class_steps,
-                          guidance_scale=hp.class_guidance, batch_size=hp.class_batch, progress=progress,
-                          desc="class images")
+        images = class_images(model, [self.class_prompt] * n, seeds, steps=hp.class_steps,
+                              guidance_scale=hp.class_guidance, batch_size=hp.class_batch, progress=progress,
+                              resolution=resolution, max_sequence_length=hp.max_sequence_length)
         self.prior = ImageTensors(images, [self.class_prompt] * n)
         log.info("dreambooth: %d class images for %r", n, self.class_prompt)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "class_prompt": self.class_prompt,
                 "class_images": 0 if self.prior is None else len(self.prior)}
+
+
+def class_images(model: Any, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
+                 batch_size: int, progress: bool, resolution: int | None = None,
+                 max_sequence_length: int | None = None) -> Any:
+    """uint8 (N, H, W, 3) class images from the model's own pipeline, image i from a CPU generator
+    seeded with seeds[i]. SD1.x-style pipelines use the organism's sampler (its native size, as
+    before); SDXL and FLUX call their pipeline at `resolution` (FLUX with its T5 length)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .objectives import family_kind
+
+    pipe = model.pipe
+    kind = family_kind(pipe)
+    if kind == "sd":
+        from models.organism.sample import generate
+
+        return generate(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
+                        progress=progress, desc="class images")
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "output_type": "np"}
+    if resolution is not None:
+        kwargs.update(height=resolution, width=resolution)
+    if kind == "flux":
+        kwargs["max_sequence_length"] = max_sequence_length or (256 if "schnell" in str(model.family) else 512)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    bar = tqdm(total=len(prompts), desc="class images", disable=not progress, unit="img")
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        res = pipe(prompt=list(prompts[i:i + batch_size]), generator=gens, **kwargs)
+        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
+        bar.update(len(gens))
+    bar.close()
+    return np.concatenate(out)
 
 
 def _one_class(dataset: Any) -> str:
@@ -267,13 +306,16 @@ class Lora(Method):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
+        from .objectives import denoiser_name, text_encoder_names
+
         hp: LoraHParams = self.hp
         self.namer = SiteNamer(model.sites)
-        targets = {"text": ["text_encoder"], "unet": ["unet"], "both": ["text_encoder", "unet"]}[hp.target]
-        self.text_trainable = "text_encoder" in targets
+        text, denoiser = list(text_encoder_names(model.pipe)), [denoiser_name(model.pipe)]
+        targets = {"text": text, "unet": denoiser, "both": text + denoiser}[hp.target]
+        self.text_trainable = any(c.startswith("text_encoder") for c in targets)
         self.configs = {}
         for component in targets:
-            short = "text" if component == "text_encoder" else "unet"
+            short = "text" if component.startswith("text_encoder") else "unet"
             init = True if hp.init_lora_weights == "default" else hp.init_lora_weights  # peft: True = kaiming A
             config = LoraConfig(r=hp.rank, lora_alpha=hp.rank if hp.alpha is None else hp.alpha,
                                 init_lora_weights=init, target_modules=list(hp.modules(short)),
