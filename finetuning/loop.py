@@ -378,7 +378,9 @@ def train(
                      if p.requires_grad]
             stack.callback(lambda: [h.remove() for h in hooks])
 
-        meta = {"method": hp.method, "hparams": to_dict(hp), "seed": seed, "images": len(dataset),
+        # (max_sequence_length left out while unset, so states saved before the field existed resume)
+        described = {k: v for k, v in to_dict(hp).items() if not (k == "max_sequence_length" and v is None)}
+        meta = {"method": hp.method, "hparams": described, "seed": seed, "images": len(dataset),
                 "captions": method.captions(dataset)[:3], "processes": acc.num_processes,
                 "base_delta": sorted(base_delta.sites()) if base_delta is not None else []}
         losses: list[float] = []
