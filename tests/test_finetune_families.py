@@ -1,7 +1,8 @@
 """Fine-tuning SDXL and FLUX.1-schnell (random weights at the smallest scale that builds, on the CPU):
 full and UNet/transformer LoRA train two steps with a finite loss, their deltas name the family's
 sites and reproduce the trained working copy, the loaded model is left unchanged, what a family
-cannot train is refused in one line; FLUX LoRA on CLIP + transformer round-trips through the stock
+cannot train is refused in one line; FLUX LoRA on CLIP + transformer and SDXL LoRA on both CLIP
+towers round-trip through the stock
 pipeline's load_lora_weights, and DreamBooth draws its class images with the family's pipeline."""
 
 import numpy as np
@@ -160,3 +161,30 @@ def test_dreambooth_generates_class_images_with_the_family_pipeline():
                                class_batch=1), progress=False)
     assert r.info["class_prompt"] == "a cup" and r.info["class_images"] == 1 and np.isfinite(r.loss).all()
     assert len(r.delta.sites()) == len(list(model.pipe.transformer.parameters()))
+
+
+def test_sdxl_text_lora_trains_both_towers_and_loads_in_the_stock_pipeline(tmp_path):
+    """LoRA on both CLIP towers (train_dreambooth_lora_sdxl.py's --train_text_encoder): sites text.*
+    and text2.*, and the stock pipeline's load_lora_weights gives the delta's text outputs."""
+    model = _model("sdxl")
+    before = _state(model)
+    r = train(model, synthetic_images(2, 64), _hp("lora", "sdxl", target="text", lr=1e-2, steps=1),
+              adapter_dir=tmp_path, progress=False)
+    assert {s.split(".")[0] for s in r.delta.sites()} == {"text", "text2"} and r.adapter.is_file()
+    ids = model.pipe.tokenizer(["a red cup"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def outputs():
+        with torch.no_grad():
+            return (model.pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2],
+                    model.pipe.text_encoder_2(ids, output_hidden_states=True).text_embeds)
+
+    with apply_delta(model, r.delta):
+        ours = outputs()
+    model.pipe.load_lora_weights(str(tmp_path))
+    try:
+        stock = outputs()
+    finally:
+        model.pipe.unload_lora_weights()
+    assert _unchanged(model, before)
+    assert all(torch.allclose(a, b, atol=2e-5, rtol=1e-4) for a, b in zip(ours, stock))
+    assert not any(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, outputs()))
