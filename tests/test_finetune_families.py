@@ -2,8 +2,8 @@
 full and UNet/transformer LoRA train two steps with a finite loss, their deltas name the family's
 sites and reproduce the trained working copy, the loaded model is left unchanged, what a family
 cannot train is refused in one line; FLUX LoRA on CLIP + transformer and SDXL LoRA on both CLIP
-towers round-trip through the stock
-pipeline's load_lora_weights, and DreamBooth draws its class images with the family's pipeline."""
+towers round-trip through the stock pipeline's load_lora_weights, and DreamBooth draws its class
+images with the family's pipeline."""
 
 import numpy as np
 import pytest
