@@ -149,7 +149,7 @@ def register(sub) -> None:
     f.add_argument("method", choices=tuple(METHODS))
     f.add_argument("--data", required=True, help="imagefolder with metadata.jsonl (a DreamBooth subject folder "
                                                  "for dreambooth and textual-inversion)")
-    f.add_argument("--family", default="organism", help="organism (default), sd14, or a local SD1.x folder")
+    f.add_argument("--family", default="organism", help="organism (default), sd14, sdxl, flux-schnell or a local diffusers folder")
     f.add_argument("--weights", default=None, help="hub, random, or a local folder (default: the family's own)")
     f.add_argument("--scale", type=float, default=1.0, help="width scale for --weights random")
     f.add_argument("--hparams", default=None, help="TOML or JSON file with method = ... and any fields")
