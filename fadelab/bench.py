@@ -817,6 +817,13 @@ def _gen(name: str) -> Callable[[str, bool], list[Row]]:
     return fn
 
 
+def _family_rows(device: str, quick: bool) -> list[Row]:
+    """One fine-tuning step (full, LoRA) of SDXL at 1024 px and FLUX-schnell at its native size."""
+    from finetuning.bench import family_rows
+
+    return [Row.from_dict(r) for r in family_rows(device, quick=quick)]
+
+
 def _hook(name: str) -> Callable[[str, bool], list[Row]]:
     return lambda device, quick: hook_rows(name, device, quick)
 
@@ -828,9 +835,10 @@ BENCHMARKS: dict[str, Callable[[str, bool], list[Row]]] = {
     "train-step": train_step_rows,
     "record": record_rows,
     **{name: _hook(name) for name in HOOKS},
+    "finetune-families": lambda device, quick: _family_rows(device, quick),
     "gpu-hours": lambda device, quick: [],  # computed by `run` from the rows before it
 }
-CPU_QUICK_ONLY = ("generation", "sdxl", "flux", "train-step")
+CPU_QUICK_ONLY = ("generation", "sdxl", "flux", "train-step", "finetune-families")
 
 
 def run(names: list[str] | None, device: str, quick: bool = False, prior: list[Row] | None = None,

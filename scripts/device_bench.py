@@ -14,6 +14,7 @@ table last):
     train        reference UNet training steps (full; UNet frozen) at batch 8       ~1 min
     record       store recorder vs the disk (1,000 prompts, writes ~5 GiB)          ~1 min
     hooks        editing / finetuning / probes benchmark modules, if they exist
+    ft-families  one fine-tuning step (full, LoRA) of SDXL (1024 px) and FLUX-schnell, peak memory
     estimate     GPU-hours of the study's grid from the rates of this call and --rows
     multigpu     data-parallel generation, N processes vs the main one alone (accelerate launch)
 
@@ -37,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("gen", "gen-options", "sdxl", "flux", "train", "record", "hooks", "estimate", "multigpu")
+PARTS = ("gen", "gen-options", "sdxl", "flux", "train", "record", "hooks", "ft-families", "estimate", "multigpu")
 
 
 def options() -> dict:
@@ -165,6 +166,8 @@ def main(argv=None) -> int:
         elif part == "hooks":
             for hook in bench.HOOKS:
                 rows += bench.hook_rows(hook, device, args.quick)
+        elif part == "ft-families":
+            rows += bench.BENCHMARKS["finetune-families"](device, args.quick)
         elif part == "estimate":
             rows += bench.gpu_hours_rows(prior + rows)
         elif part == "multigpu":
