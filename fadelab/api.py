@@ -25,7 +25,6 @@ analysis.report reads a store written through this module as it reads a grid cel
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -427,15 +426,10 @@ def open_store(path: str | Path, *, description: str = "fadelab.api", seed: int 
 def add_edit(st, edit_id: str, result, *, variant: str | None = None) -> str:
     """Write an EditResult as the grid does: delta under M_ed/<edit_id>, its keys, edit_info.
     Returns the variant name."""
-    from fadelab.cells import save_delta
+    from fadelab.cells import save_edit
 
     variant = variant or f"M_ed/{edit_id}"
-    save_delta(st, variant, result.delta)
-    for name, site, value in result.key_entries():
-        st.require_edit_key(edit_id, name, value.detach().cpu(), site=site)
-    info = json.dumps({"method": result.method, "request": result.request,
-                       "hparams": result.hparams_dict(), "info": result.info}, default=str)
-    st.require_array(f"edit_info/{edit_id}", np.array(info))
+    save_edit(st, edit_id, variant, result)
     return variant
 
 
@@ -445,7 +439,7 @@ def add_finetune(st, variant: str, result, *, loss_key: str | None = None,
     `variant` (M_ft/<f> or M_ed_ft/<e>/<f>), and the loss curve under /loss/<loss_key>
     (default: the variant with '/' as '.'). sites: globs restricting which sites are written
     (None: all; a full UNet delta is about 380 entries per checkpoint, each a journaled write)."""
-    from fadelab.cells import save_delta
+    from fadelab.cells import save_finetune
     from models import WeightDelta
 
     def keep(d):
@@ -453,13 +447,8 @@ def add_finetune(st, variant: str, result, *, loss_key: str | None = None,
             return d
         return WeightDelta({k: v for k, v in d.deltas.items() if _matches(k, sites)}, d.provenance)
 
-    save_delta(st, variant, keep(result.delta))
-    for step, d in result.checkpoints:
-        save_delta(st, variant, keep(d), step=int(step))
-    loss = np.asarray(result.loss, np.float64)
-    key = loss_key or variant.replace("/", ".")
-    if loss.size and not st.is_complete(f"/loss/{key}"):
-        st.create_loss(key, np.arange(1, loss.size + 1), {"loss": loss})
+    save_finetune(st, variant, keep(result.delta), [(step, keep(d)) for step, d in result.checkpoints],
+                  result.loss, loss_key or variant.replace("/", "."))
 
 
 def add_probes(st, edit_id: str, ft_id: str, final, steps=None) -> None:

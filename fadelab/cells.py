@@ -90,6 +90,27 @@ def save_delta(st, variant: str, delta, step: int | None = None) -> None:
         st.require_delta(variant, site, value, step=step, attrs=attrs)
 
 
+def save_edit(st, edit_id: str, variant: str, result) -> None:
+    """Write an EditResult: its delta under `variant`, its keys and edit_info/<edit_id>."""
+    save_delta(st, variant, result.delta)
+    for name, site, value in result.key_entries():
+        st.require_edit_key(edit_id, name, value.detach().cpu(), site=site)
+    info = json.dumps({"method": result.method, "request": result.request,
+                       "hparams": result.hparams_dict(), "info": result.info}, default=str)
+    st.require_array(f"edit_info/{edit_id}", np.array(info))
+
+
+def save_finetune(st, variant: str, delta, checkpoints, loss, loss_key: str) -> None:
+    """Write a fine-tune: the final delta and every (step, delta) checkpoint under `variant`, and
+    the loss curve under /loss/<loss_key>."""
+    save_delta(st, variant, delta)
+    for step, d in checkpoints:
+        save_delta(st, variant, d, step=int(step))
+    loss = np.asarray(loss, np.float64)
+    if loss.size and not st.is_complete(f"/loss/{loss_key}"):
+        st.create_loss(loss_key, np.arange(1, loss.size + 1), {"loss": loss})
+
+
 def load_delta(st, variant: str, step: int | None = None):
     """The WeightDelta stored under `variant` (and `step`)."""
     from models import WeightDelta

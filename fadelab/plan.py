@@ -193,17 +193,6 @@ def compute_edit(ctx, table: dict, fresh_stats: bool = False):
     raise FadelabError(f"edit {table['id']}: method {method!r} has no runner")
 
 
-def _write_edit(st, edit_id: str, variant: str, result) -> None:
-    from fadelab.cells import save_delta
-
-    save_delta(st, variant, result.delta)
-    for name, site, value in result.key_entries():
-        st.require_edit_key(edit_id, name, value.detach().cpu(), site=site)
-    info = json.dumps({"method": result.method, "request": result.request,
-                       "hparams": result.hparams_dict(), "info": result.info}, default=str)
-    st.require_array(f"edit_info/{edit_id}", np.array(info))
-
-
 # -- suites ----------------------------------------------------------------------------------------
 
 def _sizes(ctx):
@@ -396,14 +385,9 @@ def _finetune(ctx, table: dict, base_delta=None, grad_hook=None):
 
 
 def _write_finetune(st, ft_key: str, variant: str, result) -> None:
-    from fadelab.cells import save_delta
+    from fadelab.cells import save_finetune
 
-    save_delta(st, variant, result.delta)
-    for step, d in result.checkpoints:
-        save_delta(st, variant, d, step=int(step))
-    loss = np.asarray(result.loss, np.float64)
-    if loss.size and not st.is_complete(f"/loss/{ft_key}"):
-        st.create_loss(ft_key, np.arange(1, loss.size + 1), {"loss": loss})
+    save_finetune(st, variant, result.delta, result.checkpoints, result.loss, ft_key)
 
 
 # -- the four cell kinds ---------------------------------------------------------------------------
@@ -414,10 +398,12 @@ def base_cell(ctx, cell, st) -> None:
 
 
 def edit_cell(ctx, cell, st) -> None:
+    from fadelab.cells import save_edit
+
     t0 = time.time()
     result = compute_edit(ctx, ctx.exp.edit(cell.edit))
     seconds = time.time() - t0
-    _write_edit(st, cell.edit, cell.variant, result)
+    save_edit(st, cell.edit, cell.variant, result)
     st.require_metric(cell.variant, "cost.edit_seconds", seconds, attrs={"kind": "cost"})
     ctx._cache[f"edit:{cell.edit}"] = (result.delta, result.keys)
     _evaluate(ctx, st, {cell.variant: result.delta}, suites_for(ctx, [cell.edit]), pairs=[])

@@ -126,6 +126,21 @@ def test_what_a_family_cannot_train_is_refused_in_one_line(family):
             train(model, data, _hp("full", family, snr_gamma=5.0), progress=False)
 
 
+def _delta_matches_stock_lora(model, delta, folder, outputs, before):
+    """outputs() with the delta applied in place equal outputs() of the stock pipeline after
+    load_lora_weights(folder); the model is left as it was. Returns the delta's outputs."""
+    with apply_delta(model, delta):
+        ours = outputs()
+    model.pipe.load_lora_weights(str(folder))
+    try:
+        stock = outputs()
+    finally:
+        model.pipe.unload_lora_weights()
+    assert _unchanged(model, before)
+    assert all(torch.allclose(a, b, atol=2e-5, rtol=1e-4) for a, b in zip(ours, stock))
+    return ours
+
+
 def test_flux_lora_on_both_targets_loads_in_the_stock_pipeline(tmp_path):
     """LoRA on CLIP (the pooled projection) and the transformer, saved in diffusers' FLUX LoRA format:
     the stock pipeline's load_lora_weights gives the outputs of the delta applied in place."""
@@ -141,15 +156,7 @@ def test_flux_lora_on_both_targets_loads_in_the_stock_pipeline(tmp_path):
         with torch.no_grad():
             return _probe(model), model.pipe.text_encoder(ids).pooler_output
 
-    with apply_delta(model, r.delta):
-        ours = outputs()
-    model.pipe.load_lora_weights(str(tmp_path))
-    try:
-        stock = outputs()
-    finally:
-        model.pipe.unload_lora_weights()
-    assert _unchanged(model, before)
-    assert all(torch.allclose(a, b, atol=2e-5, rtol=1e-4) for a, b in zip(ours, stock))
+    ours = _delta_matches_stock_lora(model, r.delta, tmp_path, outputs, before)
     assert not torch.allclose(ours[1], outputs()[1], atol=1e-5)  # the text LoRA moved CLIP's pooled output
 
 
@@ -178,13 +185,5 @@ def test_sdxl_text_lora_trains_both_towers_and_loads_in_the_stock_pipeline(tmp_p
             return (model.pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2],
                     model.pipe.text_encoder_2(ids, output_hidden_states=True).text_embeds)
 
-    with apply_delta(model, r.delta):
-        ours = outputs()
-    model.pipe.load_lora_weights(str(tmp_path))
-    try:
-        stock = outputs()
-    finally:
-        model.pipe.unload_lora_weights()
-    assert _unchanged(model, before)
-    assert all(torch.allclose(a, b, atol=2e-5, rtol=1e-4) for a, b in zip(ours, stock))
+    ours = _delta_matches_stock_lora(model, r.delta, tmp_path, outputs, before)
     assert not any(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, outputs()))
