@@ -69,6 +69,30 @@ def subject_shares(model, oracle, subject: str, cls: str, n: int, token: str, se
             "subject_share_on_plain": float(np.mean([s == subject for s in rp["subject"]])), "n": n}
 
 
+def subject_run(model, oracle, folder, subject: str, cls: str, hp, n: int, adapter_dir, gen: dict,
+                also=None) -> dict:
+    """Train DreamBooth (token "sks", weights) or textual inversion (a new token) on one subject's
+    folder; subject and class shares of n images each (subject_shares) and the training seconds.
+    also(): more entries measured while the textual-inversion token is loaded."""
+    from finetuning import placeholder, train
+    from finetuning.lora_io import load_textual_inversion
+    from models import apply_delta
+
+    ti = hp.method == "textual-inversion"
+    r = train(model, folder, hp, seed=0, progress=False, adapter_dir=adapter_dir if ti else None)
+    if not ti:
+        with apply_delta(model, r.delta):
+            shares = subject_shares(model, oracle, subject, cls, n, "sks", seed=7000, **gen)
+    else:
+        token, embeds = load_textual_inversion(r.adapter)
+        with placeholder(model, token, embeds):
+            shares = subject_shares(model, oracle, subject, cls, n, token, seed=7000, **gen)
+            if also is not None:
+                shares.update(also())
+    shares["train_seconds"] = r.info["seconds"]
+    return shares
+
+
 def style_run(model, oracle, style, hp, n: int, gen: dict, adapter_dir) -> dict:
     """Fine-tune on the style set; style share and content fidelity of n content prompts, and the
     style share at the half-way checkpoint (n / 4 prompts)."""
@@ -109,9 +133,6 @@ def _style_set(out: Path, quick: bool) -> Path:
 
 def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[str], log) -> dict:
     from finetuning import hparams as H
-    from finetuning import placeholder, train
-    from finetuning.lora_io import load_textual_inversion
-    from models import apply_delta
     from models.organism import data as D
 
     res: dict = {}
@@ -141,21 +162,15 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
             cls = index[sub]["class"]
             extra = {"num_class_images": 4, "class_steps": 4} if quick and method == "dreambooth" else {}
             hp = H.defaults(method, "organism", **tiny, **extra)
-            r = train(model, db / sub, hp, seed=0, progress=False,
-                      adapter_dir=out / "adapters" / f"{name}-{sub}" if method != "dreambooth" else None)
-            if method == "dreambooth":
-                with apply_delta(model, r.delta):
-                    shares = subject_shares(model, oracle, sub, cls, per, "sks", seed=7000, **gen)
-            else:
-                token, embeds = load_textual_inversion(r.adapter)
-                with placeholder(model, token, embeds):
-                    shares = subject_shares(model, oracle, sub, cls, per, token, seed=7000, **gen)
-                    if sub == subjects[0]:  # n token-free prompts against the base images, once
-                        shares["other_prompts_bit_identical"] = _images_equal(model, base_images, n, gen)
-            shares.update(train_seconds=r.info["seconds"], steps=hp.steps, lr=hp.lr)
+            # n token-free prompts against the base images, once (textual inversion only)
+            also = (lambda: {"other_prompts_bit_identical": _images_equal(model, base_images, n, gen)}) \
+                if sub == subjects[0] else None
+            shares = subject_run(model, oracle, db / sub, sub, cls, hp, per, out / "adapters" / f"{name}-{sub}",
+                                 gen, also)
+            shares.update(steps=hp.steps, lr=hp.lr)
             res[name][sub] = shares
             log(f"{name} {sub}: subject {shares['subject_share']:.3f} class-on-plain "
-                f"{shares['class_share_on_plain']:.3f} ({r.info['seconds']:.0f}s train)")
+                f"{shares['class_share_on_plain']:.3f} ({shares['train_seconds']:.0f}s train)")
         res[name]["mean_subject_share"] = float(np.mean([res[name][s]["subject_share"] for s in subjects]))
         res[name]["mean_class_share_on_plain"] = float(np.mean([res[name][s]["class_share_on_plain"]
                                                                 for s in subjects]))
@@ -192,9 +207,6 @@ def runs_part(out: Path, spec: list[dict], n: int, device: str, log, stop_at: fl
     plus "subjects": [...] for dreambooth / textual-inversion (subject and class shares) or none
     for the style methods (style share, content fidelity). Entries after --budget-s are skipped."""
     from finetuning import hparams as H
-    from finetuning import placeholder, train
-    from finetuning.lora_io import load_textual_inversion
-    from models import apply_delta
     from models.organism import data as D
 
     style = _style_set(out, False)
@@ -221,17 +233,8 @@ def runs_part(out: Path, spec: list[dict], n: int, device: str, log, stop_at: fl
         res[name] = {"hparams": H.to_dict(hp)}
         for sub in entry["subjects"]:
             cls = index[sub]["class"]
-            r = train(model, db / sub, hp, seed=0, progress=False,
-                      adapter_dir=out / "adapters" / f"{name}-{sub}" if method != "dreambooth" else None)
-            if method == "dreambooth":
-                with apply_delta(model, r.delta):
-                    shares = subject_shares(model, oracle, sub, cls, per, "sks", seed=7000)
-            else:
-                token, embeds = load_textual_inversion(r.adapter)
-                with placeholder(model, token, embeds):
-                    shares = subject_shares(model, oracle, sub, cls, per, token, seed=7000)
-            shares["train_seconds"] = r.info["seconds"]
-            res[name][sub] = shares
+            res[name][sub] = subject_run(model, oracle, db / sub, sub, cls, hp, per,
+                                         out / "adapters" / f"{name}-{sub}", {})
         subs = entry["subjects"]
         res[name]["mean_subject_share"] = float(np.mean([res[name][s]["subject_share"] for s in subs]))
         res[name]["mean_class_share_on_plain"] = float(np.mean([res[name][s]["class_share_on_plain"] for s in subs]))
