@@ -281,8 +281,7 @@ def flops_per_image(pipe: Any, *, height: int, width: int, guidance_scale: float
 
     def count(n: int) -> tuple[float, int]:
         calls[0] = 0
-        # a fresh scheduler per counted call: Euler (SDXL) leaves alphas_cumprod on the GPU
-        # after a call under FlopCounterMode, and set_timesteps then fails converting it to numpy
+        # a fresh scheduler per counted call, so counting leaves the pipeline's scheduler state alone
         pipe.scheduler = type(original).from_config(original.config)
         latents, gens = initial_noise(pipe, [0], height, width, pipe.text_encoder.dtype)
         ctx = sdpa_kernel([SDPBackend.MATH]) if cpu else nullcontext()

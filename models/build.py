@@ -59,6 +59,10 @@ def instantiate(component: Component, seed: int = 0, device: torch.device | str 
     dtype (fp32); the caller casts.
     """
     device = torch.device(device)
+    if not issubclass(model_class(component), nn.Module):
+        # schedulers keep their tables (alphas_cumprod) on the CPU, as from_pretrained leaves them:
+        # built under `with device` they land on the GPU and Euler's set_timesteps fails in numpy
+        device = torch.device("cpu")
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)

@@ -225,3 +225,17 @@ def test_bytes_needed_formula():
     # 1.2 * (40 params * 2 bytes + 30 * (4 - 2) bytes of the largest component's fp32 staging)
     assert bytes_needed(counts, torch.bfloat16) == int(1.2 * (80 + 60))
     assert bytes_needed(counts, torch.float32) == int(1.2 * 160)
+
+
+@pytest.mark.parametrize("family", ["sd14", "sdxl", "flux-schnell"])
+def test_schedulers_keep_their_tables_on_the_cpu_whatever_the_build_device(family):
+    # random builds run under `with device:`; a scheduler built there kept alphas_cumprod on the
+    # GPU and SDXL's Euler set_timesteps then failed in numpy (H100, 2026-11-28). "meta" stands in
+    # for the GPU on a CPU-only machine: a table built under it would be on meta.
+    from models import build
+    from models.configs import scaled
+
+    sched = build.instantiate(scaled(family, 0.05)["scheduler"], device="meta")
+    tensors = [v for v in vars(sched).values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    sched.set_timesteps(4)
