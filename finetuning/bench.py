@@ -23,6 +23,7 @@ fastest run of each counts, so a slow moment of a shared machine does not decide
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import replace
@@ -111,12 +112,25 @@ def bench_rows(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]
     ]
 
 
+def _no_cudnn_attention(on: bool):
+    """SDPA without the cuDNN backend when `on`: FLUX's LoRA step at 1024 px peaks at 77 GiB of an
+    80 GB H100, and there cuDNN attention's backward failed to execute its graph (H100, 2026-11-28,
+    after a full-fine-tuning OOM in the same process); flash / memory-efficient attention ran."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not on:
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 #: family -> (native resolution in pixels, T5 tokens): SDXL 1024 px (unet sample_size 128 x 8);
 #: FLUX.1-schnell 1024 px (the pipeline's default_sample_size 128 x 8) and 256 T5 tokens (its card)
 FAMILY_NATIVE = {"sdxl": (1024, None), "flux-schnell": (1024, 256)}
 
 
-def family_step_benchmark(family: str, device: str = "cuda", *, methods: tuple[str, ...] = ("full", "lora"),
+def family_step_benchmark(family: str, device: str = "cuda", *, methods: tuple[str, ...] = ("lora", "full"),
                           steps: int = 8, batch: int = 1, resolution: int | None = None, scale: float = 1.0,
                           n_images: int = 8, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """One fine-tuning step of `family` ("sdxl" or "flux-schnell") with random weights
@@ -135,8 +149,12 @@ def family_step_benchmark(family: str, device: str = "cuda", *, methods: tuple[s
     native, t5 = FAMILY_NATIVE[family]
     resolution = resolution or native
     t0 = time.perf_counter()
-    model = models.load(family, "random", scale=scale, device=device, seed=seed)
+    # FLUX in fp32 (16.9 B parameters with T5, 75 GiB) does not fit one 80 GB GPU: load it in bf16,
+    # as its reference LoRA recipe does (the adapters still train in fp32)
+    dtype = torch.bfloat16 if family == "flux-schnell" and torch.device(device).type == "cuda" else torch.float32
+    model = models.load(family, "random", scale=scale, device=device, dtype=dtype, seed=seed)
     out: dict[str, Any] = {"family": family, "device": str(device), "scale": scale, "resolution": resolution,
+                           "weights_dtype": str(dtype).replace("torch.", ""),
                            "batch": batch, "steps": steps, "load_seconds": round(time.perf_counter() - t0, 1)}
     data = synthetic_images(n_images, resolution, seed)
     for method in methods:
@@ -144,9 +162,11 @@ def family_step_benchmark(family: str, device: str = "cuda", *, methods: tuple[s
         hp = defaults(method, family, steps=steps, batch_size=batch, resolution=resolution,
                       max_sequence_length=t5, **extra)
         try:
-            r = train(model, data, hp, seed=seed, progress=progress)
+            with _no_cudnn_attention(family == "flux-schnell"):
+                r = train(model, data, hp, seed=seed, progress=progress)
         except torch.OutOfMemoryError:
             out[method] = {"error": "out of memory"}
+            gc.collect()
         else:
             out[method] = {"step_seconds": r.info["step_seconds"], "seconds": r.info["seconds"],
                            "peak_memory_gib": r.info.get("peak_memory_gib"), "parameters": r.info.get("parameters"),
@@ -156,6 +176,10 @@ def family_step_benchmark(family: str, device: str = "cuda", *, methods: tuple[s
         log.info("%s %s: %s", family, method, out[method])
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+    del model, data
+    gc.collect()  # the next family needs the whole GPU
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -169,8 +193,8 @@ def family_rows(device: str = "cuda", families: tuple[str, ...] = ("sdxl", "flux
     for family in families:
         kw = dict(scale=0.25, resolution=512, steps=5) if quick else {}
         m = family_step_benchmark(family, device, **kw)
-        setting = (f"{family} random weights (scale {m['scale']:g}), {m['resolution']} px, batch {m['batch']}, "
-                   "bf16 autocast, cached latents and text")
+        setting = (f"{family} random weights (scale {m['scale']:g}, {m['weights_dtype']}), {m['resolution']} px, "
+                   f"batch {m['batch']}, bf16 autocast, cached latents and text")
         for method in ("full", "lora"):
             entry = m.get(method, {})
             peak = entry.get("peak_memory_gib")

@@ -71,9 +71,12 @@ def selected(site: str, patterns: list[str] | None) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(site, p) for p in patterns)
 
 
-def working_copy(module: nn.Module) -> nn.Module:
-    """A float32 deep copy, every parameter frozen (methods unfreeze what they train)."""
-    out = copy.deepcopy(module).to(torch.float32)
+def working_copy(module: nn.Module, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """A deep copy in `dtype` (None: the module's own), every parameter frozen (methods unfreeze
+    what they train)."""
+    out = copy.deepcopy(module)
+    if dtype is not None:
+        out = out.to(dtype)
     out.requires_grad_(False)
     return out
 
@@ -320,13 +323,19 @@ class Lora(Method):
             config = LoraConfig(r=hp.rank, lora_alpha=hp.rank if hp.alpha is None else hp.alpha,
                                 init_lora_weights=init, target_modules=list(hp.modules(short)),
                                 use_dora=hp.use_dora)
-            work = inject_adapter_in_model(config, working_copy(getattr(model.pipe, component)), "default")
+            # on CUDA (bf16 autocast) the frozen base stays in the loaded dtype: a bf16 FLUX transformer
+            # copied to fp32 would not fit beside the original on one 80 GB GPU. Adapters train in fp32.
+            base_dtype = None if torch.device(model.device).type == "cuda" else torch.float32
+            work = inject_adapter_in_model(config, working_copy(getattr(model.pipe, component), base_dtype),
+                                           "default")
             work.train()
             for path, module in work.named_modules():
                 if isinstance(module, LoraLayer):
                     self.layers[self.namer.module(component, path)] = module
             for name, p in work.named_parameters():
                 p.requires_grad_("lora_" in name)
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
             if not any(p.requires_grad for p in work.parameters()):
                 raise FadelabError(f"LoRA target_modules {list(hp.modules(short))} match no module of the {component}")
             self.components[component] = work

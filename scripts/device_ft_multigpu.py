@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("lora", "full")
 
 
-def run(out: Path, batch: int, steps: int, scale: float, resolution: int) -> None:
+def run(out: Path, batch: int, steps: int, scale: float, resolution: int, methods=METHODS) -> None:
     import models
     from finetuning.bench import synthetic_images
     from finetuning.hparams import FullHParams, LoraHParams
@@ -49,7 +49,7 @@ def run(out: Path, batch: int, steps: int, scale: float, resolution: int) -> Non
            "full": FullHParams(steps=steps, batch_size=batch, grad_accum=1, resolution=resolution,
                                lr=1e-5, lr_scheduler="constant", warmup_steps=0)}
     out.mkdir(parents=True, exist_ok=True)
-    for method in METHODS:
+    for method in methods:
         r = train(model, data, hps[method], seed=0, progress=False)
         main = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True
         if main:
@@ -65,9 +65,9 @@ def run(out: Path, batch: int, steps: int, scale: float, resolution: int) -> Non
             torch.cuda.empty_cache()
 
 
-def compare(root: Path) -> list[dict]:
+def compare(root: Path, methods=METHODS) -> list[dict]:
     rows = []
-    for method in METHODS:
+    for method in methods:
         one, one2x, two = (json.loads((root / d / f"{method}.json").read_text()) for d in ("one", "one2x", "two"))
         t1 = one["batch_per_process"] / one["step_seconds"]
         t2 = two["processes"] * two["batch_per_process"] / two["step_seconds"]
@@ -75,7 +75,7 @@ def compare(root: Path) -> list[dict]:
         rel = max(float((a[s] - b[s]).norm() / b[s].norm().clamp_min(1e-12)) for s in b)
         loss_gap = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(two["loss"], one2x["loss"]))
         rows.append({
-            "benchmark": f"data-parallel fine-tuning: SD1.4 UNet {method}, 512 px, batch {one['batch_per_process']} "
+            "benchmark": f"data-parallel fine-tuning: SD1.4 UNet {method}, {one['resolution']} px, batch {one['batch_per_process']} "
                          f"per GPU, {two['processes']} processes",
             "device": f"{two['processes']} x {two['gpu']}", "date": time.strftime("%Y-%m-%d"),
             "fadelab": t2, "baseline": t1, "unit": "images/s", "ratio": t2 / t1,
@@ -102,16 +102,20 @@ def main() -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--compare", type=Path, default=None, help="the folder holding one/, one2x/ and two/")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     a = p.parse_args()
+    methods = tuple(m for m in a.methods.split(",") if m)
+    if bad := [m for m in methods if m not in METHODS]:
+        p.error(f"--methods {a.methods!r}: unknown {bad}; accepted: {', '.join(METHODS)}")
     if a.compare:
-        rows = compare(a.compare)
+        rows = compare(a.compare, methods)
         text = json.dumps({"rows": rows}, indent=1)
         if a.json:
             a.json.write_text(text)
         for r in rows:
             print(f"{r['benchmark']}: {r['fadelab']:.2f} vs {r['baseline']:.2f} images/s = {r['ratio']:.2f}x; {r['notes']}")
         return 0
-    run(a.out, a.batch, a.steps, a.scale, a.resolution)
+    run(a.out, a.batch, a.steps, a.scale, a.resolution, methods)
     return 0
 
 
