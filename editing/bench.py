@@ -162,3 +162,49 @@ def bench_rows(device: str = "cuda", quick: bool = False) -> list[dict]:
                                   f"{t['refact_stats_tokens']} tokens took {t['refact_stats_seconds']:.2f} s apart"),
          "peak_mem": t.get("refact_peak_bytes"), "extra": {"rates": rates}},
     ]
+
+
+def family_edit_timings(model, n_preserve: int = 100, corpus: int = 2000) -> dict:
+    """One UCE erase (1 concept + `n_preserve` preserve prompts; cold and warm) on any family's
+    `model`, and on SDXL one ReFACT edit at the default layers of both encoders (C of each site over
+    `corpus` random-vocabulary texts, timed apart). Seconds and CUDA peak memory (issue 8)."""
+    from . import text as T
+    from .presets import organism_safe_prompts
+    from .refact import edit_sites, refact, text_encoder_of
+    from .refact_stats import second_moment, vocabulary_corpus
+    from .uce import uce_erase
+
+    device = str(model.device)
+    cuda = device.startswith("cuda")
+    preserve = organism_safe_prompts(n_preserve, seed=11)
+    out: dict = {"family": model.family, "dtype": str(model.dtype).replace("torch.", ""), "n_preserve": n_preserve}
+    for label in ("uce_cold", "uce"):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        t = time.perf_counter()
+        r = uce_erase(model, ["a painting of a cat"], UCEHparams(), preserve=preserve)
+        _sync(device)
+        out[f"{label}_seconds"] = time.perf_counter() - t
+        if cuda:
+            out[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated()
+    out["uce_sites"] = len(r.sites())
+    if T.pipeline_kind(model) != "sdxl":
+        return out
+    h = ReFACTHparams()
+    sites = edit_sites(model, h)
+    t = time.perf_counter()
+    stats = {s: second_moment(model, s, vocabulary_corpus(text_encoder_of(model, s)[1], corpus, seed=3))
+             for s in sites}
+    _sync(device)
+    out["refact_stats_seconds"] = time.perf_counter() - t
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    r = refact(model, {"prompt": "a painting of a cat", "subject": "a cat", "new": "a dog", "old": "a cat"},
+               h, stats=stats)
+    _sync(device)
+    out["refact_seconds"], out["refact_steps"], out["refact_sites"] = time.perf_counter() - t, r.info["steps"], sites
+    if cuda:
+        out["refact_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import platform
 import re
 import statistics
@@ -582,6 +583,88 @@ def record_rows(device: str, quick: bool = False, directory: str | Path | None =
                 None, {"record": r})]
 
 
+def family_record_pass(model: Any, path: str | Path, n_prompts: int = 100, batch_size: int = 25) -> dict:
+    """Record, for `n_prompts` prompts, the inputs of the sites the family's edits read: every CLIP
+    tower's MLP fc2 (ReFACT's key space) and, on FLUX, the context embedder (UCE's: T5's output,
+    fed to the embedder alone, as the transformer would); float16 into a fresh store at `path`,
+    timed from the first forward pass to the fsync after closing."""
+    import torch
+
+    from editing import text as T
+    from store.recorder import Recorder
+    from store.store import Store
+
+    sites = [s for s in model.sites if s.endswith(".fc2") and s.split(".")[0] in ("text", "text2")]
+    if T.pipeline_kind(model) == "flux":
+        sites.append("flux.context_embedder")
+    modules = {s: model.module(s) for s in sites}
+    prompts = [f"a photo of a {w} in a garden, number {i}" for i, w in
+               zip(range(n_prompts), ["cat", "dog", "house", "tree", "car"] * n_prompts)]
+    device = str(model.device)
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    with Store.open(str(path), "a", config=f"benchmark {model.family} n_prompts={n_prompts}") as st, \
+            torch.no_grad():
+        with Recorder(modules, what="input", dtype=torch.float16, store=st, variant="M", n_prompts=n_prompts,
+                      coords={"prompt": prompts}) as rec:
+            for i in range(rec.start_row, n_prompts, batch_size):
+                rows = T.encode(model, prompts[i:i + batch_size], batch_size=batch_size)
+                if "flux.context_embedder" in modules:  # it runs inside the transformer: feed it T5's output
+                    embedder = modules["flux.context_embedder"]
+                    embedder(rows["context"].emb.to(embedder.weight.dtype))
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"sites": len(sites), "n_prompts": n_prompts, "seconds": time.perf_counter() - t0,
+            "file_bytes": os.path.getsize(path), "peak_bytes": _peak(device)}
+
+
+def family_edit_record_rows(device: str, quick: bool = False, directory: str | Path | None = None,
+                            families: tuple[str, ...] = ("sdxl", "flux-schnell")) -> list[Row]:
+    """Issue 8's "one edit, one recording pass" on SDXL and FLUX-schnell (random weights, full size;
+    FLUX in bf16 on CUDA, as it does not fit one 80 GB GPU in fp32 with room to work): UCE erase
+    (both), ReFACT (SDXL), and `family_record_pass`. quick: scale 0.05, 4 prompts."""
+    import gc
+
+    import torch
+
+    import models
+    from editing.bench import family_edit_timings
+
+    rows: list[Row] = []
+    date, name = time.strftime("%Y-%m-%d"), device_name(device)
+    for family in families:
+        cuda = torch.device(device).type == "cuda"
+        dtype = torch.bfloat16 if family == "flux-schnell" and cuda else torch.float32
+        scale = 0.05 if quick else 1.0
+        model = models.load(family, "random", scale=scale, device=device, dtype=dtype)
+        label = f"{family} random weights (scale {scale:g}, {str(dtype).replace('torch.', '')})"
+        e = family_edit_timings(model, n_preserve=8 if quick else 100, corpus=200 if quick else 2000)
+        rows.append(Row(f"UCE erase on {family}: 1 concept + {e['n_preserve']} preserve prompts, {e['uce_sites']} sites",
+                        name, date, e["uce_seconds"], None, "s", None,
+                        f"{label}; solved in fp32; cold call {e['uce_cold_seconds']:.2f} s; no baseline measured",
+                        e.get("uce_peak_bytes"), {"timings": e}))
+        if "refact_seconds" in e:
+            rows.append(Row(f"ReFACT edit on {family}: {' + '.join(e['refact_sites'])}, up to 100 Adam steps",
+                            name, date, e["refact_seconds"], None, "s", None,
+                            f"{label}; {e['refact_steps']} steps; C of each site over random-vocabulary texts took "
+                            f"{e['refact_stats_seconds']:.1f} s apart", e.get("refact_peak_bytes"), {"timings": e}))
+        n = 4 if quick else 100
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            r = family_record_pass(model, Path(tmp) / "record.h5", n_prompts=n)
+        rows.append(Row(f"record: {family} text-encoder fc2 inputs{' + context embedder' if 'flux' in family else ''}, "
+                        f"{n} prompts x {r['sites']} sites, float16", name, date, r["seconds"], None, "s", None,
+                        f"{label}; store.Recorder into a fresh store, fsync included; file {r['file_bytes'] / 2**30:.2f} GiB",
+                        r["peak_bytes"], {"record": r}))
+        del model
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def hook_rows(name: str, device: str, quick: bool = False) -> list[Row]:
     """Rows of another room's benchmark modules (HOOKS[name]), each imported only now; one row
     noting "not available" while none of them offers `bench_rows`."""
@@ -835,9 +918,10 @@ BENCHMARKS: dict[str, Callable[[str, bool], list[Row]]] = {
     "record": record_rows,
     **{name: _hook(name) for name in HOOKS},
     "finetune-families": lambda device, quick: _family_rows(device, quick),
+    "families-edit-record": lambda device, quick: family_edit_record_rows(device, quick),
     "gpu-hours": lambda device, quick: [],  # computed by `run` from the rows before it
 }
-CPU_QUICK_ONLY = ("generation", "sdxl", "flux", "train-step", "finetune-families")
+CPU_QUICK_ONLY = ("generation", "sdxl", "flux", "train-step", "finetune-families", "families-edit-record")
 
 
 def run(names: list[str] | None, device: str, quick: bool = False, prior: list[Row] | None = None,

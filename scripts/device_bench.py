@@ -15,6 +15,8 @@ table last):
     record       store recorder vs the disk (1,000 prompts, writes ~5 GiB)          ~1 min
     hooks        editing / finetuning / probes benchmark modules, if they exist
     ft-families  one fine-tuning step (full, LoRA) of SDXL (1024 px) and FLUX-schnell, peak memory
+    fam-edit-record  SDXL and FLUX-schnell: one UCE erase, one ReFACT (SDXL), one recording pass
+                 (100 prompts' text-encoder fc2 inputs into a store), peak memory
     estimate     GPU-hours of the study's grid from the rates of this call and --rows
     multigpu     data-parallel generation, N processes vs the main one alone (accelerate launch)
 
@@ -38,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("gen", "gen-options", "sdxl", "flux", "train", "record", "hooks", "ft-families", "estimate", "multigpu")
+PARTS = ("gen", "gen-options", "sdxl", "flux", "train", "record", "hooks", "ft-families", "fam-edit-record",
+         "estimate", "multigpu")
 
 
 def options() -> dict:
@@ -168,6 +171,10 @@ def main(argv=None) -> int:
                 rows += bench.hook_rows(hook, device, args.quick)
         elif part == "ft-families":
             rows += bench.BENCHMARKS["finetune-families"](device, args.quick)
+        elif part == "fam-edit-record":
+            scratch = ROOT / "scratch"
+            scratch.mkdir(exist_ok=True)
+            rows += bench.family_edit_record_rows(device, args.quick, directory=scratch)
         elif part == "estimate":
             rows += bench.gpu_hours_rows(prior + rows)
         elif part == "multigpu":

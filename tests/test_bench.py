@@ -179,3 +179,23 @@ def test_generation_harness_on_cpu(measured):
 def test_generation_rows_on_gpu_quick():
     rows = bench.generation_rows(bench.SETTINGS["generation"].quick(), "cuda")
     assert rows[0].ratio is not None and rows[0].peak_mem > 0
+
+
+def test_family_record_pass_stores_every_fc2_input_and_the_context_embedder(tmp_path):
+    # issue 8's recording pass on FLUX: every CLIP fc2 input plus the context embedder's (T5's
+    # output), one row per prompt, as the text encoders computed them
+    import models
+    from editing import text as T
+    from store.store import Store
+
+    m = models.load("flux-schnell", "random", scale=0.05)
+    r = bench.family_record_pass(m, tmp_path / "rec.h5", n_prompts=3, batch_size=2)
+    fc2 = [s for s in m.sites if s.startswith("text.mlp.") and s.endswith(".fc2")]
+    assert r["sites"] == len(fc2) + 1 and r["n_prompts"] == 3 and r["file_bytes"] > 0
+    prompts = [f"a photo of a {w} in a garden, number {i}" for i, w in enumerate(["cat", "dog", "house"])]
+    want = T.encode(m, prompts)["context"].emb.half()
+    with Store.open(str(tmp_path / "rec.h5"), "r") as st:
+        got = torch.as_tensor(st.read_activations("M", "flux.context_embedder")[0])
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
+        assert all(st.read_activations("M", s)[0].shape[0] == 3 for s in fc2)
