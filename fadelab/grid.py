@@ -348,6 +348,19 @@ def cell_done(path: str | os.PathLike, cell: Cell) -> bool:
         return False
 
 
+def cell_seconds(path: str | os.PathLike, cell: Cell) -> float | None:
+    """The wall seconds a done cell took (its completion mark holds them); None if not done."""
+    from store import Store, StoreError
+
+    if not cell_done(path, cell):
+        return None
+    try:
+        with Store.open(path, "r") as st:
+            return float(st.read_array(done_mark(cell))[0])
+    except (StoreError, KeyError, IndexError):
+        return None
+
+
 def status(exp: Experiment, out: str | os.PathLike) -> list[tuple[Cell, str]]:
     """(cell, "done" | "partial" | "missing") for every cell of the grid."""
     rows = []

@@ -3,6 +3,7 @@ executor, resuming, merging, and the report, on a tiny organism experiment on th
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,10 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     assert "report:" in printed and (out / "report.html").exists()
     exp = load_experiment(cfg)
     assert all(state == "done" for _, state in status(exp, out))
+    assert main(["status", str(cfg), "--out", str(out)]) == 0  # each cell's wall time, from its mark
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{exp.name}: 4/4 cells done") and "s of cell time" in lines[0]
+    assert all(re.match(r"\s+done\s+\d+\.\d s ", line) for line in lines[1:]), lines
     # the merged store reads like one store, through links into the cell files
     from store import Store
 

@@ -6,14 +6,17 @@ from pathlib import Path
 
 
 def cmd_status(args) -> int:
-    from fadelab.grid import load_experiment, status
+    from fadelab.grid import cell_path, cell_seconds, load_experiment, status
 
     exp = load_experiment(args.config, smoke=True if args.smoke else None)
     rows = status(exp, Path(args.out))
+    seconds = [cell_seconds(cell_path(args.out, c), c) if s == "done" else None for c, s in rows]
     done = sum(s == "done" for _, s in rows)
-    print(f"{exp.name}: {done}/{len(rows)} cells done in {args.out}")
-    for cell, state in rows:
-        print(f"  {state:8s} {cell.variant:40s} {cell.id}")
+    total = sum(x for x in seconds if x is not None)
+    print(f"{exp.name}: {done}/{len(rows)} cells done in {args.out} ({total:,.0f} s of cell time)")
+    for (cell, state), sec in zip(rows, seconds):
+        took = f"{sec:8.1f} s" if sec is not None else " " * 10
+        print(f"  {state:8s} {took} {cell.variant:40s} {cell.id}")
     return 0
 
 
