@@ -305,7 +305,7 @@ ORGANISM: dict[str, dict[str, Any]] = {
     "lora": {"steps": 300, "batch_size": 64, "lr": 1e-3, "lr_scheduler": "constant_with_warmup",
              "warmup_steps": 10, "rank": 4},
     "dora": {"steps": 200, "batch_size": 64, "rank": 4},
-    "dreambooth": {"steps": 150, "batch_size": 8, "lr": 1e-4, "lr_scheduler": "constant_with_warmup",
+    "dreambooth": {"steps": 150, "batch_size": 8, "lr": 2e-4, "lr_scheduler": "constant_with_warmup",
                    "warmup_steps": 10, "num_class_images": 64, "class_steps": 20, "class_guidance": 3.0,
                    "class_batch": 64},
     "textual-inversion": {"steps": 150, "batch_size": 16, "grad_accum": 1, "lr": 1e-2, "scale_lr": False,
