@@ -142,11 +142,7 @@ class ReFACTHparams:
             or "cosine" (logit_scale-free cosine, for comparison).
         fact_token: where k* and k_bar are read and delta is added: "subject_last" (the paper's
             and the hparams file's: the subject's last token) or "last" (the prompt's final token,
-            <eos>; ReFACT's code offers it as fact_token "last"), or "tail" (a departure for text
-            towers whose padding rows the denoiser reads: delta is optimised at <eos> as with
-            "last", but k*, k_bar and v_init are the means over <eos> and the padding rows of the
-            pipeline's 77-token input, so the rows the denoiser reads change by delta on average
-            instead of 2-4 times it on the organism's padding rows); None: the family default
+            <eos>; ReFACT's code offers it as fact_token "last"); None: the family default
             ("subject_last"; the organism's from the sweep in docs/editing.md).
         templates: the context templates ("{}" is the subject) over which k_bar is averaged and
             the loss is taken (with the bare prompt).
@@ -170,9 +166,8 @@ class ReFACTHparams:
     def __post_init__(self) -> None:
         if self.similarity not in ("l2", "cosine"):
             raise FadelabError(f"ReFACT similarity={self.similarity!r}: accepted are 'l2' and 'cosine'")
-        if self.fact_token not in (None, "subject_last", "last", "tail"):
-            raise FadelabError(f"ReFACT fact_token={self.fact_token!r}: accepted are 'subject_last', 'last' "
-                               "and 'tail'")
+        if self.fact_token not in (None, "subject_last", "last"):
+            raise FadelabError(f"ReFACT fact_token={self.fact_token!r}: accepted are 'subject_last' and 'last'")
         bad = [t for t in self.templates if t.count("{}") != 1]
         if bad:
             raise FadelabError(f"ReFACT template {bad[0]!r} must contain '{{}}' exactly once")

@@ -124,7 +124,7 @@ def lookup_index(tok, prompt: str, subject: str, fact_token: str = "subject_last
     """Index of the edited token in the tokenised prompt (<bos> at 0). "subject_last": the
     subject's last token, i.e. the number of tokens of the prompt up to the end of its last
     occurrence of the subject (repr_tools.get_words_idxs_in_templates); "last": <eos>."""
-    if fact_token in ("last", "tail"):
+    if fact_token == "last":
         return len(tok(prompt)["input_ids"]) - 1
     at = prompt.lower().rfind(subject.lower())
     if at < 0:
@@ -197,28 +197,6 @@ def _fc2_io(encoder, tok, module, prompts: list[str], lookup: list[int]) -> tupl
     return got["in"][rows, idx].float(), got["out"][rows, idx].float()
 
 
-@torch.no_grad()
-def _fc2_tail_io(encoder, tok, module, prompts: list[str], lookup: list[int]) -> tuple[Tensor, Tensor]:
-    """fc2's input and output averaged over each prompt's <eos> (lookup) and the padding rows
-    after it, in the pipeline's full-length input: (N, d_in), (N, d_out), float32."""
-    got = {}
-
-    def hook(mod, inp, out):
-        got["in"], got["out"] = inp[0].float(), out.float()
-
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
-    handle = module.register_forward_hook(hook)
-    try:
-        encoder(input_ids=ids)
-    finally:
-        handle.remove()
-    length = got["in"].shape[1]
-    mask = (torch.arange(length)[None, :] >= torch.as_tensor(lookup)[:, None]).float().to(got["in"].device)
-    n = mask.sum(1, keepdim=True)
-    return (mask[..., None] * got["in"]).sum(1) / n, (mask[..., None] * got["out"]).sum(1) / n
-
-
 def _stats_for(model, site: str, stats, h: ReFACTHparams) -> SecondMoment:
     if isinstance(stats, Mapping):
         stats = stats.get(site)
@@ -288,7 +266,7 @@ def refact(model, request: Mapping, hparams: ReFACTHparams | None = None, stats=
         module = resolve(model, site)
         w = module.weight.detach().float()
         lookup = [lookup_index(tok, p, req["subject"], fact_token) for p in prompts]
-        k_in, k_out = (_fc2_tail_io if fact_token == "tail" else _fc2_io)(encoder, tok, module, prompts, lookup)
+        k_in, k_out = _fc2_io(encoder, tok, module, prompts, lookup)
         k_star, v_init = k_in[0], k_out[0]  # the request's own prompt
         templ = [i for i, p in enumerate(prompts) if p != req["prompt"]] or [0]
         k_bar = k_in[templ].mean(0)
