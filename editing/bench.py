@@ -26,10 +26,29 @@ from .hparams import ReFACTHparams, UCEHparams
 
 log = logging.getLogger(__name__)
 
+#: the one ReFACT request every benchmark edits
+REFACT_REQUEST = {"prompt": "a painting of a cat", "subject": "a cat", "new": "a dog", "old": "a cat"}
+
 
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _measure(out: dict, label: str, device: str, fn):
+    """fn() timed between synchronisations into out[label + "_seconds"], with the CUDA peak over the
+    call in out[label + "_peak_bytes"]; returns fn's result."""
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t = time.perf_counter()
+    result = fn()
+    _sync(device)
+    out[f"{label}_seconds"] = time.perf_counter() - t
+    if cuda:
+        out[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
 
 
 @torch.no_grad()
@@ -98,15 +117,7 @@ def sd14_edit_timings(device: str = "cuda", scale: float = 1.0, reference: bool 
     h = UCEHparams()
     concept = "a painting of a cat"
     for label in ("uce_cold", "uce"):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        t = time.perf_counter()
-        r = uce_erase(m, [concept], h, preserve=preserve)
-        _sync(device)
-        out[f"{label}_seconds"] = time.perf_counter() - t
-        if cuda:
-            out[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated()
+        r = _measure(out, label, device, lambda: uce_erase(m, [concept], h, preserve=preserve))
     out["uce_sites"], out["uce_rows"] = len(r.sites()), [r.info["rows_edited"], r.info["rows_preserved"]]
     if reference:
         _sync(device)
@@ -124,15 +135,8 @@ def sd14_edit_timings(device: str = "cuda", scale: float = 1.0, reference: bool 
     stats = second_moment(m, site, vocabulary_corpus(text_encoder_of(m, site)[1], 2000, seed=3))
     _sync(device)
     out["refact_stats_seconds"], out["refact_stats_tokens"] = time.perf_counter() - t, stats.count
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    r = refact(m, {"prompt": "a painting of a cat", "subject": "a cat", "new": "a dog", "old": "a cat"},
-               ReFACTHparams(), stats={site: stats})
-    _sync(device)
-    out["refact_seconds"], out["refact_steps"] = time.perf_counter() - t, r.info["steps"]
-    if cuda:
-        out["refact_peak_bytes"] = torch.cuda.max_memory_allocated()
+    r = _measure(out, "refact", device, lambda: refact(m, REFACT_REQUEST, ReFACTHparams(), stats={site: stats}))
+    out["refact_steps"] = r.info["steps"]
     return out
 
 
@@ -175,19 +179,11 @@ def family_edit_timings(model, n_preserve: int = 100, corpus: int = 2000) -> dic
     from .uce import uce_erase
 
     device = str(model.device)
-    cuda = device.startswith("cuda")
     preserve = organism_safe_prompts(n_preserve, seed=11)
     out: dict = {"family": model.family, "dtype": str(model.dtype).replace("torch.", ""), "n_preserve": n_preserve}
     for label in ("uce_cold", "uce"):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        t = time.perf_counter()
-        r = uce_erase(model, ["a painting of a cat"], UCEHparams(), preserve=preserve)
-        _sync(device)
-        out[f"{label}_seconds"] = time.perf_counter() - t
-        if cuda:
-            out[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated()
+        r = _measure(out, label, device, lambda: uce_erase(model, ["a painting of a cat"], UCEHparams(),
+                                                           preserve=preserve))
     out["uce_sites"] = len(r.sites())
     if T.pipeline_kind(model) != "sdxl":
         return out
@@ -198,13 +194,6 @@ def family_edit_timings(model, n_preserve: int = 100, corpus: int = 2000) -> dic
              for s in sites}
     _sync(device)
     out["refact_stats_seconds"] = time.perf_counter() - t
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    r = refact(model, {"prompt": "a painting of a cat", "subject": "a cat", "new": "a dog", "old": "a cat"},
-               h, stats=stats)
-    _sync(device)
-    out["refact_seconds"], out["refact_steps"], out["refact_sites"] = time.perf_counter() - t, r.info["steps"], sites
-    if cuda:
-        out["refact_peak_bytes"] = torch.cuda.max_memory_allocated()
+    r = _measure(out, "refact", device, lambda: refact(model, REFACT_REQUEST, h, stats=stats))
+    out["refact_steps"], out["refact_sites"] = r.info["steps"], sites
     return out

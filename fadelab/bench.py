@@ -591,6 +591,7 @@ def family_record_pass(model: Any, path: str | Path, n_prompts: int = 100, batch
     import torch
 
     from editing import text as T
+    from store.bench import fsync_path
     from store.recorder import Recorder
     from store.store import Store
 
@@ -612,11 +613,7 @@ def family_record_pass(model: Any, path: str | Path, n_prompts: int = 100, batch
                 if "flux.context_embedder" in modules:  # it runs inside the transformer: feed it T5's output
                     embedder = modules["flux.context_embedder"]
                     embedder(rows["context"].emb.to(embedder.weight.dtype))
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
     return {"sites": len(sites), "n_prompts": n_prompts, "seconds": time.perf_counter() - t0,
             "file_bytes": os.path.getsize(path), "peak_bytes": _peak(device)}
 
@@ -635,8 +632,8 @@ def family_edit_record_rows(device: str, quick: bool = False, directory: str | P
 
     rows: list[Row] = []
     date, name = time.strftime("%Y-%m-%d"), device_name(device)
+    cuda = torch.device(device).type == "cuda"
     for family in families:
-        cuda = torch.device(device).type == "cuda"
         dtype = torch.bfloat16 if family == "flux-schnell" and cuda else torch.float32
         scale = 0.05 if quick else 1.0
         model = models.load(family, "random", scale=scale, device=device, dtype=dtype)
@@ -660,7 +657,7 @@ def family_edit_record_rows(device: str, quick: bool = False, directory: str | P
                         r["peak_bytes"], {"record": r}))
         del model
         gc.collect()
-        if torch.device(device).type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
     return rows
 

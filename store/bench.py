@@ -29,6 +29,15 @@ SD14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  eos_token_id=49407, pad_token_id=49407)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a closed file's bytes to the disk (so a timing includes getting them there)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def disk_write_speed(directory: str, gib: float = 2.0, block_mib: int = 64) -> float:
     """Sequential write speed of the disk under `directory` in bytes/s (write + fsync)."""
     path = os.path.join(directory, f".fadelab_disk_probe_{os.getpid()}")
@@ -127,11 +136,7 @@ def record_throughput(device: str = "cuda", n_prompts: int = 1000, path: str = "
                       compression=compression) as rec:
             for s in range(rec.start_row, n_prompts, batch_size):
                 model(ids[s:s + batch_size].to(device))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
     record_seconds = time.perf_counter() - t0
 
     payload = n_prompts * len(sites) * 77 * 3072 * torch.tensor([], dtype=dtype).element_size()
