@@ -258,9 +258,6 @@ def class_images(model: Any, prompts: list[str], seeds: list[int], *, steps: int
     """uint8 (N, H, W, 3) class images from the model's own pipeline, image i from a CPU generator
     seeded with seeds[i]. SD1.x-style pipelines use the organism's sampler (its native size, as
     before); SDXL and FLUX call their pipeline at `resolution` (FLUX with its T5 length)."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
     from .objectives import family_kind
 
     pipe = model.pipe
@@ -270,21 +267,15 @@ def class_images(model: Any, prompts: list[str], seeds: list[int], *, steps: int
 
         return generate(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
                         progress=progress, desc="class images")
-    kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "output_type": "np"}
+    from models.fastgen import stock_images
+
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
     if resolution is not None:
         kwargs.update(height=resolution, width=resolution)
     if kind == "flux":
         kwargs["max_sequence_length"] = max_sequence_length or (256 if "schnell" in str(model.family) else 512)
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    bar = tqdm(total=len(prompts), desc="class images", disable=not progress, unit="img")
-    for i in range(0, len(prompts), batch_size):
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        res = pipe(prompt=list(prompts[i:i + batch_size]), generator=gens, **kwargs)
-        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
-        bar.update(len(gens))
-    bar.close()
-    return np.concatenate(out)
+    return stock_images(pipe, prompts, seeds, batch_size=batch_size, progress=progress, desc="class images",
+                        **kwargs)
 
 
 def _one_class(dataset: Any) -> str:

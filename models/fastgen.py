@@ -11,6 +11,10 @@ Offers
     initial_noise(pipe, seeds, height, width, dtype) -> (latents, generators)
     generate_data_parallel(gen, prompts, seeds, state=None) -> uint8 images on every process
     family_defaults(model) -> (steps, guidance_scale)
+    stock_images(pipe, prompts, seeds, batch_size=8, **call_kwargs) -> uint8 (N, H, W, 3)
+                           the plain loop: stock pipeline calls in batches, one CPU generator
+                           per image (what the behaviour suites and DreamBooth's class images use
+                           off the organism)
 
 How it stays the stock pipeline's function. Each batch is one call of the model's own diffusers
 pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `FluxPipeline`, ...), so the
@@ -362,6 +366,25 @@ class FastGenerator:
         None is the base model. Every variant sees the same (prompt, seed) pairs."""
         return {name: self.generate(prompts, seeds, delta=delta, progress=progress, desc=name)
                 for name, delta in deltas.items()}
+
+
+def stock_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int = 8,
+                 progress: bool = False, desc: str = "images", **call_kwargs: Any) -> np.ndarray:
+    """uint8 (N, H, W, 3): `pipe(prompt=..., generator=[one CPU generator per image seeded with
+    seeds[i]], output_type="np", **call_kwargs)` in batches of `batch_size`, under a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    out = []
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="img")
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        res = pipe(prompt=list(prompts[i:i + batch_size]), generator=gens, output_type="np", **call_kwargs)
+        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
+        bar.update(len(gens))
+    bar.close()
+    return np.concatenate(out)
 
 
 def _ensure_sdpa(module: Any) -> None:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from models.errors import FadelabError
 
@@ -88,25 +87,14 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int],
         return organism_generate(pipe, list(prompts), [int(s) for s in seeds], steps=cfg.steps,
                                  guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
                                  progress=progress, desc=desc)
-    batch = cfg.batch_size or 8
-    kwargs = {"output_type": "np"}
-    for key, val in (("num_inference_steps", cfg.steps), ("guidance_scale", cfg.guidance_scale),
-                     ("height", cfg.height), ("width", cfg.width)):
-        if val is not None:
-            kwargs[key] = val
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    out = []
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="img")
-    for i in range(0, len(prompts), batch):
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch]]
-        res = pipe(prompt=list(prompts[i:i + batch]), generator=gens, **kwargs)
-        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
-        bar.update(len(gens))
-    bar.close()
-    if not out:
+    if not len(prompts):
         return np.zeros((0, cfg.height or 64, cfg.width or 64, 3), np.uint8)
-    return np.concatenate(out)
+    from models.fastgen import stock_images
+
+    kwargs = {key: val for key, val in (("num_inference_steps", cfg.steps), ("guidance_scale", cfg.guidance_scale),
+                                        ("height", cfg.height), ("width", cfg.width)) if val is not None}
+    return stock_images(pipe, prompts, seeds, batch_size=cfg.batch_size or 8, progress=progress, desc=desc,
+                        **kwargs)
 
 
 def _variant_context(model, delta):
