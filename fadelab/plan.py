@@ -345,22 +345,45 @@ def _dataset(ctx, spec: str):
     if spec.startswith("organism:"):
         kind = spec.split(":", 1)[1]
         folder = ctx.out / "data" / kind
-        if not (folder / "metadata.jsonl").exists() and not (folder / ".done").exists():
+        if kind == "style":
             n = int(ctx.exp.samples.get("style_images", 1200))
-            if kind == "style":
-                D.write_style_set(folder, n=n, seed=ctx.exp.seed)
-            elif kind == "dreambooth":
-                D.write_dreambooth(folder, per_subject=int(ctx.exp.samples.get("subject_images", 5)),
-                                   seed=ctx.exp.seed)
-            else:
-                raise FadelabError(f"data {spec!r}: organism data are style or dreambooth")
-            (folder / ".done").write_text("ok")
+            _write_once(folder, lambda tmp: D.write_style_set(tmp, n=n, seed=ctx.exp.seed))
+        elif kind == "dreambooth":
+            per = int(ctx.exp.samples.get("subject_images", 5))
+            _write_once(folder, lambda tmp: D.write_dreambooth(tmp, per_subject=per, seed=ctx.exp.seed))
+        else:
+            raise FadelabError(f"data {spec!r}: organism data are style or dreambooth")
         return _dreambooth_subject(folder) if kind == "dreambooth" else folder
     path = data_path(ctx, spec)
     if not path.exists():
         raise FadelabError(f"data {spec!r}: no such folder (an imagefolder with metadata.jsonl; or "
                            "organism:style, organism:dreambooth)")
     return path
+
+
+def _write_once(folder: Path, write) -> Path:
+    """Write a dataset folder exactly once, even when several shard processes ask at the same
+    moment: each writes into its own temporary sibling and renames it into place (atomic on one
+    file system); the loser of the race discards its copy. A folder is complete when it holds
+    `.done`; one without it (a write interrupted before this scheme) is replaced."""
+    import shutil
+
+    if (folder / ".done").exists():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    (tmp / ".done").write_text("ok")
+    for _ in range(2):
+        try:
+            os.rename(tmp, folder)
+            return folder
+        except OSError:
+            if (folder / ".done").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return folder
+            shutil.rmtree(folder, ignore_errors=True)
+    raise FadelabError(f"could not move the dataset written in {tmp} to {folder}")
 
 
 def _dreambooth_subject(folder):

@@ -159,3 +159,38 @@ def test_slurm_path_through_submitits_local_executor(tmp_path):
     ran = sorted(c for r in results for c in r["ran"])
     assert ran == sorted(c.id for c in cells(load_experiment(cfg)))  # base and edit, once each
     assert {r["shard"] for r in results} == {"0/2", "1/2"}
+
+
+def _slow_writer(tmp):
+    import time as _t
+    tmp.mkdir(parents=True)
+    with (tmp / "metadata.jsonl").open("w") as f:
+        for i in range(20):
+            f.write(json.dumps({"file_name": f"{i}.png", "text": "x"}) + "\n")
+            f.flush()
+            _t.sleep(0.01)
+
+
+def _race(folder, barrier):
+    from fadelab.plan import _write_once
+    barrier.wait()
+    _write_once(folder, _slow_writer)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    sys.exit(0 if len(lines) == 20 and (folder / ".done").exists() else 3)
+
+
+def test_shard_processes_writing_one_dataset_at_once_all_see_it_whole(tmp_path):
+    # CI once failed here: two shards wrote out/data/style at the same moment, and one read a
+    # metadata.jsonl the other had just truncated ("lists no images").
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    folder = tmp_path / "data" / "style"
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_race, args=(folder, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["style"]
