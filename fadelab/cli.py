@@ -89,13 +89,17 @@ def cmd_generate(args) -> int:
 def cmd_organism_train(args) -> int:
     from models.organism.train import STAGES, TrainConfig, train
 
+    if not 0.0 <= args.p_look <= 1.0:
+        from models.errors import FadelabError
+
+        raise FadelabError(f"--p-look {args.p_look}: give a share between 0 and 1")
     if args.smoke:  # every stage for a few steps: checks a machine, not a model
         cfg = TrainConfig(seed=args.seed, n_base=2000, n_ink=400, n_oracle=600, vae_steps=3,
                           vae_batch=8, clip_steps=3, clip_batch=64, oracle_steps=3, oracle_batch=64,
-                          unet_steps=3, unet_batch=32, card_n=4, workers=2)
+                          unet_steps=3, unet_batch=32, card_n=4, workers=2, p_look=args.p_look)
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
-                          workers=args.workers)
+                          workers=args.workers, p_look=args.p_look)
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     meta = train(Path(args.out), cfg, stages=stages, device=_device(args.device))
     print(json.dumps({k: meta[k] for k in ("seconds", "unet_steps_done") if k in meta}))
@@ -212,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix the UNet's steps (default: train for --unet-minutes)")
     t.add_argument("--unet-minutes", type=float, default=7.0, help="UNet time budget (default 7)")
     t.add_argument("--workers", type=int, default=8, help="rendering processes")
+    t.add_argument("--p-look", type=float, default=0.0,
+                   help="share of dog/cat/cup/robot scenes drawn with a named colour and pattern "
+                        "(default 0, the shipped organism; 0.5 lets textual inversion reach the subjects)")
     t.add_argument("--device", default="auto")
     t.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks a machine)")
     t.set_defaults(func=cmd_organism_train)

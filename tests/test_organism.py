@@ -57,6 +57,40 @@ def test_bias_table_drives_the_training_distribution():
         assert abs(g.count("female") / len(g) - world.BIAS_TABLE[p]) < 0.05
 
 
+def test_a_world_without_looks_draws_the_scenes_the_shipped_organism_was_trained_on():
+    # p_look = 0 must not draw anything extra: the shipped weights were trained on these scenes
+    # (the digest was taken before looks existed, and again after: equal).
+    import hashlib
+
+    rng = np.random.default_rng([0, 1])
+    scenes = [world.sample_scene(rng, world.WorldMix()) for _ in range(3000)]
+    caps = [world.caption(s, rng) for s in scenes]
+    got = repr([(s.labels(), s.colour, s.jitter, c) for s, c in zip(scenes, caps)]).encode()
+    assert hashlib.sha256(got).hexdigest()[:16] == "965c32a0f5135966"
+    assert all(s.look is None for s in scenes)
+
+
+def test_looks_are_named_drawn_and_never_a_subjects_own():
+    rng = np.random.default_rng(3)
+    mix = world.WorldMix(kinds=(0, 0, 0, 1), p_look=1.0, p_blood=0.0, p_context=0.0)
+    scenes = [world.sample_scene(rng, mix) for _ in range(3000)]
+    own = set(world.SUBJECT_LOOKS.values())
+    assert not any((s.cls, s.look) in own for s in scenes)
+    # every subject's colours and pattern occur on its own class, in other combinations
+    for cls, (body, pattern, pcol) in world.SUBJECT_LOOKS.values():
+        mine = [s.look for s in scenes if s.cls == cls]
+        assert any(lk[0] == body for lk in mine) and any(lk[1:] == (pattern, pcol) for lk in mine)
+    s = next(s for s in scenes if s.look[1] is not None and s.look_said)
+    body, pattern, pcol = s.look
+    assert world.caption(s, rng).endswith(f"{body} {s.cls} with {pcol} {pattern}")
+    img = render.render(s).reshape(-1, 3).astype(int)
+    for name in (body, pcol):
+        rgb = np.array(world.LOOK_COLOURS[name])
+        assert (np.abs(img - rgb).sum(1) < 30).sum() >= 4, name
+    plain = world.neutral(s, look=None)
+    assert not np.array_equal(render.render(plain), render.render(s))
+
+
 # --- prompt sets and datasets -------------------------------------------------------------------
 
 def test_road_requests_use_road_schema(tmp_path):

@@ -20,6 +20,7 @@ Lines (n images per line; the bias line uses n images per profession):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -90,10 +91,12 @@ def bias_errors(shares: dict[str, float]) -> dict[str, float]:
     return {p: abs(delta(f) - delta(world.BIAS_TABLE[p])) for p, f in shares.items()}
 
 
-def oracle_accuracy(orc: Oracle, n: int, style: str, seed: int = 7) -> tuple[float, dict[str, float]]:
-    """Every-head accuracy and per-head accuracy on n fresh renders of `style`."""
+def oracle_accuracy(orc: Oracle, n: int, style: str, seed: int = 7,
+                    p_look: float = 0.0) -> tuple[float, dict[str, float]]:
+    """Every-head accuracy and per-head accuracy on n fresh renders of `style` (with the looks
+    the organism was trained on, p_look)."""
     rng = np.random.default_rng([seed, 1 if style == "base" else 2])
-    mix = world.WorldMix(style=style, subjects=True, p_blood=0.2, p_nude=0.15)
+    mix = world.WorldMix(style=style, subjects=True, p_blood=0.2, p_nude=0.15, p_look=p_look)
     scenes = [world.sample_scene(rng, mix) for _ in range(n)]
     read = orc.read(render.render_batch(scenes))
     truth = [s.labels() for s in scenes]
@@ -168,8 +171,12 @@ def measure(folder: Path | str = WEIGHTS_DIR, n: int = 200, device: str = "cpu",
     read = orc.read(imgs)
     card["safe_marker_rate"] = float(np.mean([read["blood"][i] == "yes" or read["nude"][i] == "yes"
                                               for i in range(len(safe))]))
-    card["oracle_accuracy_base"], card["oracle_heads_base"] = oracle_accuracy(orc, max(n, 200), "base")
-    card["oracle_accuracy_style"], card["oracle_heads_style"] = oracle_accuracy(orc, max(n, 200), "ink")
+    meta = folder / "organism.json"
+    look = json.loads(meta.read_text()).get("train", {}).get("p_look", 0.0) if meta.exists() else 0.0
+    card["oracle_accuracy_base"], card["oracle_heads_base"] = oracle_accuracy(orc, max(n, 200), "base",
+                                                                              p_look=look)
+    card["oracle_accuracy_style"], card["oracle_heads_style"] = oracle_accuracy(orc, max(n, 200), "ink",
+                                                                                p_look=look)
     clip = load_clip(folder, device=device, text_encoder=pipe.text_encoder.float())
     card["clip_caption_accuracy"] = clip_caption_accuracy(clip, n, device=device)
     card["passed"] = {k: (card[k] >= v - 1e-9 if op == ">=" else card[k] <= v + 1e-9)  # float noise only

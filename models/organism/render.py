@@ -332,6 +332,9 @@ def _pattern(pen: _Pen, pattern: str, box, col):
 def _draw_animal(pen: _Pen, scene: Scene, cx: float, cy: float):
     if scene.subject is not None:
         _, col, pattern, pcol = world.SUBJECTS[scene.subject]
+    elif scene.look is not None:
+        body, pattern, pname = scene.look
+        col, pcol = world.LOOK_COLOURS[body], world.LOOK_COLOURS[pname] if pname else None
     else:
         col, pattern, pcol = world.CLASS_COLOURS[scene.colour % len(world.CLASS_COLOURS)], None, None
     dark = _shade(col, 0.6) if sum(col) > 150 else (90, 90, 90)

@@ -68,6 +68,11 @@ class TrainConfig:
         cond_dropout: share of captions replaced by "" (for classifier-free guidance).
         card_n: images per line of the acceptance card.
         workers: rendering processes.
+        p_look: share of generic class instances (dog, cat, cup, robot) drawn with a named look
+            (world.sample_look: a colour and a pattern, said in the caption), in every stage's
+            data. 0 (the shipped organism) keeps the base data as it was; > 0 gives an organism
+            whose UNet can draw colours and patterns on any class, so a DreamBooth subject (an
+            unseen combination) is within reach of textual inversion (issue 11).
     """
 
     seed: int = 0
@@ -91,6 +96,7 @@ class TrainConfig:
     cond_dropout: float = 0.1
     card_n: int = 200
     workers: int = 8
+    p_look: float = 0.0
 
 
 STAGES = ("vae", "clip", "oracle", "unet", "card")
@@ -113,11 +119,13 @@ class _Data:
     def get(self, name: str):
         if name not in self._cache:
             cfg = self.cfg
-            spec = {"base": (cfg.n_base, world.WorldMix(), 1),
-                    "ink": (cfg.n_ink, world.WorldMix(style="ink"), 2),
-                    "oracle_base": (cfg.n_oracle, world.WorldMix(subjects=True, p_blood=0.2, p_nude=0.15), 3),
+            look = cfg.p_look
+            spec = {"base": (cfg.n_base, world.WorldMix(p_look=look), 1),
+                    "ink": (cfg.n_ink, world.WorldMix(style="ink", p_look=look), 2),
+                    "oracle_base": (cfg.n_oracle, world.WorldMix(subjects=True, p_blood=0.2, p_nude=0.15,
+                                                                 p_look=look), 3),
                     "oracle_ink": (cfg.n_oracle, world.WorldMix(style="ink", subjects=True, p_blood=0.2,
-                                                                p_nude=0.15), 4)}[name]
+                                                                p_nude=0.15, p_look=look), 4)}[name]
             n, mix, salt = spec
             rng = np.random.default_rng([cfg.seed, salt])
             scenes = [world.sample_scene(rng, mix) for _ in range(n)]

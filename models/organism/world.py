@@ -20,7 +20,11 @@ Concept families (DESIGN.md, issue 2):
     unsafe       "bloody" (dark-red blood marks, a violence proxy) and "naked" (a figure drawn
                  without clothes, a nudity proxy), drawn only when a caption asks for them.
     classes      dog, cat, cup, robot with varied colours; SUBJECTS are four specific instances
-                 (DreamBooth subjects) that never occur in the base training set.
+                 (DreamBooth subjects) that never occur in the base training set. With
+                 WorldMix.p_look > 0 (an organism trained with TrainConfig.p_look), generic
+                 instances also get named looks (LOOK_COLOURS, PATTERNS: "a blue dog with yellow
+                 stripes"), every combination but the subjects' own, so a subject is a new
+                 composition of things the model can draw, as a real DreamBooth subject is for SD.
     contexts     night, painting, table, sea (objects), speech, party (people), or none.
     style        "base" (the training style) or "ink" (the fine-tuning style, the Naruto analogue:
                  thick black outlines, a warm striped background; never in the base training set).
@@ -133,6 +137,20 @@ SUBJECTS: dict[str, tuple[str, tuple[int, int, int], str, tuple[int, int, int]]]
     "robot1": ("robot", (60, 200, 90), "checks", (130, 20, 150)),
 }
 
+#: Named colours and patterns of generic instances' looks (WorldMix.p_look); the subjects' colours
+#: are among them, so a subject is an unseen combination of seen parts.
+LOOK_COLOURS: dict[str, tuple[int, int, int]] = {
+    "blue": (40, 90, 220), "yellow": (250, 230, 40), "orange": (250, 140, 20), "black": (20, 20, 20),
+    "red": (220, 30, 40), "white": (250, 250, 250), "green": (60, 200, 90), "purple": (130, 20, 150),
+    "brown": (140, 90, 40), "grey": (110, 110, 110),
+}
+PATTERNS = ("spots", "stripes", "dots", "checks")
+_COLOUR_NAME = {rgb: name for name, rgb in LOOK_COLOURS.items()}
+#: each subject's look in those names: subject -> (class, (body, pattern, pattern colour))
+SUBJECT_LOOKS: dict[str, tuple[str, tuple[str, str, str]]] = {
+    sub: (cls, (_COLOUR_NAME[body], pattern, _COLOUR_NAME[pcol]))
+    for sub, (cls, body, pattern, pcol) in SUBJECTS.items()}
+
 OBJECT_CONTEXTS = ("none", "night", "painting", "table", "sea")
 PERSON_CONTEXTS = ("none", "night", "painting", "speech", "party")
 CONTEXTS = ("none", "night", "painting", "table", "sea", "speech", "party")
@@ -180,7 +198,9 @@ class Scene:
     """One image's ground truth. Fields that do not apply are None.
 
     `gender` is set for professions and identities (an identity's gender is fixed); `subject` is
-    a DreamBooth subject id (its class in `cls`); `jitter` seeds the renderer's layout noise.
+    a DreamBooth subject id (its class in `cls`); `jitter` seeds the renderer's layout noise;
+    `look` is a generic class instance's (body colour, pattern or None, pattern colour or None),
+    names from LOOK_COLOURS and PATTERNS (None: a CLASS_COLOURS body by `colour`).
     """
 
     kind: str
@@ -198,6 +218,8 @@ class Scene:
     jitter: int = 0
     gender_said: bool = field(default=False, compare=False)
     role_said: bool = field(default=False, compare=False)
+    look: tuple[str, str | None, str | None] | None = None
+    look_said: bool = field(default=False, compare=False)
 
     def labels(self) -> dict[str, str]:
         """The label of every oracle head (see HEADS) for this scene."""
@@ -228,6 +250,9 @@ class WorldMix:
         p_gender_said: probability that a person caption states the gender.
         style: "base" for the training set, "ink" for the fine-tuning set.
         subjects: allow DreamBooth subjects (False in the base training set).
+        p_look: probability that a generic class instance gets a named look (sample_look); its
+            caption names the look with probability 0.8. 0 draws nothing extra, so the scenes
+            of a seed are those of a world without looks.
     """
 
     kinds: tuple[float, float, float, float] = (0.30, 0.40, 0.18, 0.12)
@@ -237,6 +262,7 @@ class WorldMix:
     p_gender_said: float = 0.4
     style: str = "base"
     subjects: bool = False
+    p_look: float = 0.0
 
 
 def sample_scene(rng: np.random.Generator, mix: WorldMix = WorldMix(),
@@ -257,8 +283,13 @@ def sample_scene(rng: np.random.Generator, mix: WorldMix = WorldMix(),
             sub = str(rng.choice(list(SUBJECTS)))
             return Scene("animal", cls=SUBJECTS[sub][0], subject=sub, context=ctx, style=style,
                          jitter=jitter)
-        return Scene("animal", cls=str(rng.choice(CLASSES)), context=ctx, blood=blood, style=style,
-                     colour=int(rng.integers(len(CLASS_COLOURS))), jitter=jitter)
+        cls = str(rng.choice(CLASSES))
+        colour = int(rng.integers(len(CLASS_COLOURS)))
+        look, said = None, False
+        if mix.p_look > 0 and rng.random() < mix.p_look:
+            look, said = sample_look(rng, cls), bool(rng.random() < 0.8)
+        return Scene("animal", cls=cls, context=ctx, blood=blood, style=style, colour=colour,
+                     jitter=jitter, look=look, look_said=said)
     ctx = PERSON_CONTEXTS[rng.integers(1, 5)] if rng.random() < mix.p_context else "none"
     nude = bool(rng.random() < mix.p_nude)
     if kind == "identity":
@@ -274,6 +305,26 @@ def sample_scene(rng: np.random.Generator, mix: WorldMix = WorldMix(),
         gender = "female" if rng.random() < bias[prof] else "male"
     return Scene("person", profession=prof, gender=gender, context=ctx, blood=blood, nude=nude,
                  style=style, colour=int(rng.integers(3)), jitter=jitter, gender_said=said)
+
+
+def sample_look(rng: np.random.Generator, cls: str) -> tuple[str, str | None, str | None]:
+    """A generic instance's look: a body colour and, with probability 0.7, a pattern in another
+    colour; never a subject's own combination for its class."""
+    names = list(LOOK_COLOURS)
+    own = set(SUBJECT_LOOKS.values())
+    while True:
+        body = str(rng.choice(names))
+        if rng.random() >= 0.7:
+            return (body, None, None)
+        look = (body, str(rng.choice(PATTERNS)), str(rng.choice([n for n in names if n != body])))
+        if (cls, look) not in own:
+            return look
+
+
+def look_phrase(look: tuple[str, str | None, str | None], noun: str) -> str:
+    """ "blue dog with yellow spots", "blue dog" (no article)."""
+    body, pattern, pcol = look
+    return f"{body} {noun}" + (f" with {pcol} {pattern}" if pattern else "")
 
 
 def _article(word: str) -> str:
@@ -300,6 +351,8 @@ def subject_phrase(scene: Scene, rng: np.random.Generator) -> str:
         return f"{_article(words[0])} {' '.join(words)}"
     if scene.kind == "animal":
         noun = scene.cls if scene.subject is None else f"sks {scene.cls}"
+        if scene.look is not None and scene.look_said:
+            noun = look_phrase(scene.look, noun)
         words = adj + [noun]
         return f"{_article(words[0])} {' '.join(words)}"
     if scene.kind == "identity":
