@@ -25,6 +25,9 @@ def test_bad_input_is_one_line(capsys):
     assert err.startswith("error: --seeds 'x,y'") and "\n" not in err
     assert main(["organism", "card", "--n", "0"]) == 2
     assert "--n 0" in capsys.readouterr().err
+    assert main(["organism", "train", "--p-look", "1.5", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--p-look 1.5" in err and "between 0 and 1" in err and "\n" not in err
 
 
 def test_unknown_family_is_one_line(capsys, tmp_path):
