@@ -113,6 +113,15 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def child_gpu(i: int, gpus: int, visible: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES of local process i: round robin over the `gpus` GPUs this process
+    sees, named as the parent names them (a parent limited to "2,3" gives "2", "3", "2", ...;
+    an index alone would point a child at physical GPU 0)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    ids = ids[:gpus] if len(ids) >= gpus else [str(k) for k in range(gpus)]
+    return ids[i % gpus]
+
+
 def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
                    smoke: bool | None = None) -> list[dict]:
     """`jobs` processes side by side, process i running shard i/jobs (one GPU each, round robin
@@ -131,7 +140,7 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
     for i in range(jobs):
         env = dict(os.environ)
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+            env["CUDA_VISIBLE_DEVICES"] = child_gpu(i, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
         cmd = [sys.executable, "-m", "fadelab.cli", "run", *([config] if config else []),
                "--out", str(out), "--shard", f"{i}/{jobs}", "--device", device, "--no-report",
                "--quiet", *(["--smoke"] if smoke else [])]

@@ -194,3 +194,12 @@ def test_shard_processes_writing_one_dataset_at_once_all_see_it_whole(tmp_path):
         p.join(30)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["style"]
+
+
+def test_local_processes_take_the_gpus_the_parent_was_given():
+    from fadelab.runner import child_gpu
+
+    assert [child_gpu(i, 2, None) for i in range(4)] == ["0", "1", "0", "1"]
+    assert [child_gpu(i, 1, "1") for i in range(3)] == ["1", "1", "1"]  # one GPU, named 1
+    assert [child_gpu(i, 2, "2, 3") for i in range(3)] == ["2", "3", "2"]
+    assert [child_gpu(i, 2, "GPU-a,GPU-b") for i in range(2)] == ["GPU-a", "GPU-b"]  # UUIDs too
