@@ -89,17 +89,19 @@ def cmd_generate(args) -> int:
 def cmd_organism_train(args) -> int:
     from models.organism.train import STAGES, TrainConfig, train
 
-    if not 0.0 <= args.p_look <= 1.0:
-        from models.errors import FadelabError
+    for flag, value in (("--p-look", args.p_look), ("--pad-noise", args.pad_noise)):
+        if not 0.0 <= value <= 1.0:
+            from models.errors import FadelabError
 
-        raise FadelabError(f"--p-look {args.p_look}: give a share between 0 and 1")
+            raise FadelabError(f"{flag} {value}: give a share between 0 and 1")
     if args.smoke:  # every stage for a few steps: checks a machine, not a model
         cfg = TrainConfig(seed=args.seed, n_base=2000, n_ink=400, n_oracle=600, vae_steps=3,
                           vae_batch=8, clip_steps=3, clip_batch=64, oracle_steps=3, oracle_batch=64,
-                          unet_steps=3, unet_batch=32, card_n=4, workers=2, p_look=args.p_look)
+                          unet_steps=3, unet_batch=32, card_n=4, workers=2, p_look=args.p_look,
+                          pad_noise=args.pad_noise)
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
-                          workers=args.workers, p_look=args.p_look)
+                          workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise)
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     meta = train(Path(args.out), cfg, stages=stages, device=_device(args.device))
     print(json.dumps({k: meta[k] for k in ("seconds", "unet_steps_done") if k in meta}))
@@ -219,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--p-look", type=float, default=0.0,
                    help="share of dog/cat/cup/robot scenes drawn with a named colour and pattern "
                         "(default 0, the shipped organism; 0.5 lets textual inversion reach the subjects)")
+    t.add_argument("--pad-noise", type=float, default=0.0,
+                   help="share of UNet samples whose padding rows are replaced (clean or another "
+                        "caption's), so the UNet reads prompts from their tokens as SD1.x's does "
+                        "(default 0, the shipped organism)")
     t.add_argument("--device", default="auto")
     t.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks a machine)")
     t.set_defaults(func=cmd_organism_train)

@@ -105,6 +105,48 @@ def oracle_accuracy(orc: Oracle, n: int, style: str, seed: int = 7,
 
 
 @torch.no_grad()
+def pad_reliance(pipe, orc: Oracle, seeds: int = 4, **gen) -> dict:
+    """How much the UNet reads a prompt from the padding rows of the text encoder's output.
+
+    SD1.x's UNet, trained on a frozen CLIP, largely ignores them (Toker et al., "Padding Tone",
+    NAACL 2025), which is why edits at a subject's token (ReFACT) reach its images. For each
+    object a and the next object b of the catalog: the output for "an image of a <a>" with every
+    row after its <eos> taken from the output for b; the oracle reads `seeds` images of each.
+    Returns the shares read as b ("pads": the pads decided), as a ("tokens") and as neither,
+    and, as a control, the share read as b when every row but <bos> comes from b."""
+    from .nets import tokenizer as make_tokenizer
+    from .sample import generate
+
+    tok = make_tokenizer()
+    objs = list(world.OBJECTS)
+    texts = [f"an image of a {o}" for o in objs]
+    ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    eos = (ids == tok.eos_token_id).int().argmax(1)
+    te = pipe.text_encoder
+    emb = te(ids.to(te.device))[0].float().cpu()
+    pos = torch.arange(ids.shape[1])
+    mixed, control, want_a, want_b = [], [], [], []
+    for i, a in enumerate(objs):
+        j = (i + 1) % len(objs)
+        if eos[i] != eos[j]:  # a multi-token name: the rows would not line up
+            continue
+        pads = (pos > eos[i])[:, None]
+        mixed.append(torch.where(pads, emb[j], emb[i]))
+        control.append(torch.cat([emb[i][:1], emb[j][1:]]))
+        want_a.append(a)
+        want_b.append(objs[j])
+    k = len(want_a)
+    both = torch.stack([m for m in mixed for _ in range(seeds)] + [c for c in control for _ in range(seeds)])
+    read = orc.read(generate(pipe, both, list(range(seeds)) * (2 * k), progress=False, **gen))["object"]
+    a = np.repeat(want_a, seeds)
+    b = np.repeat(want_b, seeds)
+    got, ctl = np.asarray(read[:k * seeds]), np.asarray(read[k * seeds:])
+    return {"pads": float(np.mean(got == b)), "tokens": float(np.mean(got == a)),
+            "neither": float(np.mean((got != a) & (got != b))), "control_all_rows": float(np.mean(ctl == b)),
+            "pairs": k, "images": int(k * seeds)}
+
+
+@torch.no_grad()
 def clip_caption_accuracy(clip, n: int, seed: int = 11, k: int = 9, device="cpu") -> float:
     """Share of renders whose own caption ranks first among it and k same-kind distractors."""
     rng = np.random.default_rng(seed)
@@ -177,6 +219,7 @@ def measure(folder: Path | str = WEIGHTS_DIR, n: int = 200, device: str = "cpu",
                                                                               p_look=look)
     card["oracle_accuracy_style"], card["oracle_heads_style"] = oracle_accuracy(orc, max(n, 200), "ink",
                                                                                 p_look=look)
+    card["pad_reliance"] = pad_reliance(pipe, orc, seeds=max(1, n // 50))  # informative, no threshold
     clip = load_clip(folder, device=device, text_encoder=pipe.text_encoder.float())
     card["clip_caption_accuracy"] = clip_caption_accuracy(clip, n, device=device)
     card["passed"] = {k: (card[k] >= v - 1e-9 if op == ">=" else card[k] <= v + 1e-9)  # float noise only

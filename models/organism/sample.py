@@ -42,12 +42,13 @@ def defaults(folder: Path | str = WEIGHTS_DIR) -> SamplingDefaults:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int | None = None,
+def generate(pipe, prompts: list[str] | torch.Tensor, seeds: list[int], *, steps: int | None = None,
              guidance_scale: float | None = None, batch_size: int | None = None,
              progress: bool = True, desc: str = "generate") -> np.ndarray:
     """Generate one image per (prompt, seed) with `pipe`; returns uint8 (N, H, W, 3).
 
-    steps and guidance_scale default to the organism's measured defaults.
+    steps and guidance_scale default to the organism's measured defaults. `prompts` may also be
+    text-encoder outputs (N, 77, width), passed as prompt_embeds (the negative stays "").
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -64,7 +65,10 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int | None = 
         shape = (1, pipe.unet.config.in_channels, size, size)
         latents = torch.cat([torch.randn(shape, generator=g) for g in gens])
         latents = latents.to(pipe.device, pipe.unet.dtype)
-        res = pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps,
+        chunk = prompts[i:i + batch_size]
+        given = {"prompt_embeds": chunk.to(pipe.device, pipe.text_encoder.dtype)} \
+            if isinstance(chunk, torch.Tensor) else {"prompt": list(chunk)}
+        res = pipe(**given, num_inference_steps=steps,
                    guidance_scale=guidance_scale, latents=latents, output_type="np")
         out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
         bar.update(len(gens))

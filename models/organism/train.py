@@ -73,6 +73,12 @@ class TrainConfig:
             data. 0 (the shipped organism) keeps the base data as it was; > 0 gives an organism
             whose UNet can draw colours and patterns on any class, so a DreamBooth subject (an
             unseen combination) is within reach of textual inversion (issue 11).
+        pad_noise: share of UNet training samples whose text rows after <eos> (the padding rows)
+            are replaced, half of the time by the empty prompt's rows there ("clean pads"), half
+            by another caption's rows there. SD1.x's UNet largely ignores the padding rows of its
+            frozen CLIP (Toker et al., NAACL 2025); the shipped organism's reads its prompts from
+            them (card.pad_reliance: the pads decide 0.81 of images), so an edit at a subject's
+            token (ReFACT) cannot reach its images. 0 (shipped) leaves the UNet's data as it was.
     """
 
     seed: int = 0
@@ -97,6 +103,7 @@ class TrainConfig:
     card_n: int = 200
     workers: int = 8
     p_look: float = 0.0
+    pad_noise: float = 0.0
 
 
 STAGES = ("vae", "clip", "oracle", "unet", "card")
@@ -277,6 +284,21 @@ def train_oracle(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig,
     oracle_mod.Oracle.save(net.eval(), out / "oracle", width)
 
 
+def noisy_pads(emb: torch.Tensor, cid: torch.Tensor, is_pad: torch.Tensor, empty: int, p: float,
+               g: torch.Generator) -> torch.Tensor:
+    """The UNet's conditioning emb[cid] (B, 77, width), with the padding rows (is_pad[cid]) of a
+    share p of the samples replaced: half of those by the empty caption's rows there, half by a
+    random caption's (TrainConfig.pad_noise). p = 0 draws nothing from g."""
+    cond = emb[cid]
+    if p <= 0:
+        return cond
+    r = torch.rand(len(cid), generator=g, device=cid.device)
+    other = torch.randint(len(emb), (len(cid),), generator=g, device=cid.device)
+    src = torch.where(r < p / 2, torch.full_like(cid, empty), other)
+    swap = (is_pad[cid] & (r < p)[:, None])[..., None]
+    return torch.where(swap, emb[src], cond)
+
+
 def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> int:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextModel
@@ -291,6 +313,8 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
     inv = torch.from_numpy(inv[:-1]).to(device)
     with torch.no_grad():
         ids = torch.tensor(tok(list(uniq), padding="max_length", max_length=77, truncation=True).input_ids)
+        eos = (ids == tok.eos_token_id).int().argmax(1)
+        is_pad = (torch.arange(ids.shape[1])[None] > eos[:, None]).to(device)  # (U, 77)
         emb = torch.cat([text_encoder(ids[i:i + 2048].to(device))[0].to(torch.bfloat16)
                          for i in range(0, len(ids), 2048)])  # (U, 77, width)
         imgs = torch.from_numpy(images)
@@ -324,6 +348,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         cid = inv[idx]
         drop = torch.rand(cfg.unet_batch, generator=g, device=device) < cfg.cond_dropout
         cid = torch.where(drop, torch.full_like(cid, empty), cid)
+        cond = noisy_pads(emb, cid, is_pad, empty, cfg.pad_noise, g)
         noise = torch.randn(z0.shape, generator=g, device=device)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -333,7 +358,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         for grp in opt.param_groups:
             grp["lr"] = _lr(step, total, cfg.unet_lr, warmup=300)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = unet(zt.contiguous(memory_format=torch.channels_last), t, emb[cid].float()).sample
+            pred = unet(zt.contiguous(memory_format=torch.channels_last), t, cond.float()).sample
         loss = (w * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"unet loss became {loss.item()} at step {step}")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issues 11 and 3: the organism retrained with looks and noisy pads (fadelab organism train
+# --p-look 0.5 --pad-noise 0.5; docs/organism.md): generic dogs, cats, cups and robots in named
+# colours and patterns, every combination but the DreamBooth subjects' own (for textual
+# inversion), and a UNet that reads prompts from their tokens rather than the padding rows, as
+# SD1.x's does (for ReFACT at the subject's token). Then every fine-tuning method measured on it at
+# n = 200. Calls of under 10 minutes on one GPU, chained while the machine is warm (its ignored
+# .organism-v2/ survives between calls; the idle release is 30 s). Carry .whl.
+#
+#   bash scripts/device_organism_retrain.sh A     stages vae, clip, oracle (about 5.5 min on an H200)
+#   bash scripts/device_organism_retrain.sh B     stages unet (6 min of wall time) and card
+#   bash scripts/device_organism_retrain.sh swap  put it in models/organism/weights (on the device only)
+#   bash scripts/device_organism_retrain.sh C     swap, then the fine-tuning acceptance on it
+#
+# Each call packs .organism-v2/ into $OUT/organism-v2.tgz.00, .01, ... (15 MiB pieces: a call
+# brings back at most 8 files of 16 MiB) and its logs into $OUT/results.tgz. Here:
+#   cat organism-v2.tgz.* | tar -xz -C /tmp    gives /tmp/.organism-v2, a pipeline folder
+set -u
+export PYTHONPATH=/tmp/site:$PWD
+# installed once per machine: a second install would replace files that another lane is importing
+python3 -c "import diffusers, prodigyopt" 2>/dev/null ||
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi -L; date -u
+W=.organism-v2
+FLAGS="--p-look 0.5 --pad-noise 0.5 --out $W --workers 14 --device cuda"
+t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one line to $OUT/lanes.txt
+  local name=$1 lim=$2; shift 2; local s; s=$(date +%s)
+  timeout "$lim" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "[$name] rc=$rc wall=$(( $(date +%s) - s ))s" | tee -a "$OUT/lanes.txt"
+}
+swap() {
+  [ -f models/organism/weights/.retrained ] && return 0
+  [ -f "$W/card.json" ] || { echo "no trained $W here: run A and B first (or untar it and carry it)" >&2; exit 2; }
+  rm -rf models/organism/weights && cp -r "$W" models/organism/weights && touch models/organism/weights/.retrained
+}
+case "${1:-}" in
+A) t train-A 540 python3 -m fadelab.cli organism train $FLAGS --stages vae,clip,oracle ;;
+B) t train-B 540 python3 -m fadelab.cli organism train $FLAGS --stages unet,card --unet-minutes 6
+   cp "$W/card.json" "$W/organism.json" "$OUT/" 2>/dev/null ;;
+swap) swap; exit 0 ;;
+C) swap; t ft-v2 520 python3 scripts/device_finetuning.py --out "$OUT/ft" --parts organism --n 200 ;;
+*) echo "usage: $0 A|B|swap|C" >&2; exit 2 ;;
+esac
+[ -d "$W" ] && tar -czf - "$W" | split -b 15M -d - "$OUT/organism-v2.tgz."
+date -u; cat "$OUT/lanes.txt"
+tar -czf /tmp/results.tgz -C "$OUT" --exclude='organism-v2.tgz.*' . && mv /tmp/results.tgz "$OUT/results.tgz"
