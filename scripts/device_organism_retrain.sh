@@ -23,7 +23,7 @@ python3 -c "import diffusers, prodigyopt" 2>/dev/null ||
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L; date -u
 W=.organism-v2
-FLAGS="--p-look 0.5 --pad-noise 0.5 --out $W --workers 14 --device cuda"
+FLAGS="--p-look 0.5 --pad-noise 0.5 --unet-minutes 6 --out $W --workers 14 --device cuda"  # A records them all in organism.json
 t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one line to $OUT/lanes.txt
   local name=$1 lim=$2; shift 2; local s; s=$(date +%s)
   timeout "$lim" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
@@ -36,7 +36,7 @@ swap() {
 }
 case "${1:-}" in
 A) t train-A 540 python3 -m fadelab.cli organism train $FLAGS --stages vae,clip,oracle ;;
-B) t train-B 540 python3 -m fadelab.cli organism train $FLAGS --stages unet,card --unet-minutes 6
+B) t train-B 540 python3 -m fadelab.cli organism train $FLAGS --stages unet,card
    cp "$W/card.json" "$W/organism.json" "$OUT/" 2>/dev/null ;;
 swap) swap; exit 0 ;;
 C) swap; t ft-v2 520 python3 scripts/device_finetuning.py --out "$OUT/ft" --parts organism --n 200 ;;
