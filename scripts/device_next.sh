@@ -29,6 +29,7 @@ t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one
 }
 v2() { CUDA_VISIBLE_DEVICES=0 OUT="$OUT/v2" bash scripts/device_organism_retrain.sh "$1" > "$OUT/v2-$1.log" 2>&1; }
 smoke() {  # smoke FAMILY SECONDS: the family's grid at full size on random weights
+  [ -f .bench-data/RoAD_test.csv ] || { echo "[smoke-$1] skipped: carry .bench-data" | tee -a "$OUT/lanes.txt"; return; }
   t "smoke-$1" "$2" python3 -m fadelab.cli run "experiments/$1.toml" --smoke --device cuda --quiet \
       --out "fadelab-out/smoke-$1"
   python3 -m fadelab.cli status "experiments/$1.toml" --smoke --out "fadelab-out/smoke-$1" > "$OUT/smoke-$1-status.txt" 2>&1
