@@ -352,10 +352,12 @@ def cell_seconds(path: str | os.PathLike, cell: Cell) -> float | None:
     """The wall seconds a done cell took (its completion mark holds them); None if not done."""
     from store import Store, StoreError
 
-    if not cell_done(path, cell):
+    if not Path(path).exists():
         return None
     try:
-        with Store.open(path, "r") as st:
+        with Store.open(path, "r") as st:  # one open: the mark's completeness, then its value
+            if not st.is_complete(f"/arrays/{done_mark(cell)}"):
+                return None
             return float(st.read_array(done_mark(cell))[0])
     except (StoreError, KeyError, IndexError):
         return None
