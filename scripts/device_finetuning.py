@@ -4,6 +4,9 @@ oracle, and the SD1.4-architecture step benchmark. Writes OUT/finetuning.json, p
     python3 scripts/device_finetuning.py --out $OUT [--n 200]            one H100/H200, under 6 minutes
     python3 scripts/device_finetuning.py --out $OUT --parts sd14,sweep   the benchmark and the sweep alone
     python3 scripts/device_finetuning.py --out /tmp/ft --quick --device cpu   the same code, tiny sizes
+    python3 scripts/device_finetuning.py --out $OUT --parts organism --methods textual_inversion,full
+                         only these organism runs: the style runs first, then the subject runs in the
+                         order given (each saved to finetuning.json as it lands)
 
 Organism part (the defaults of finetuning.hparams.ORGANISM):
     base                 style share of n content prompts on the base model (the floor)
@@ -131,7 +134,8 @@ def _style_set(out: Path, quick: bool) -> Path:
     return folder
 
 
-def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[str], log) -> dict:
+def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[str], log,
+                  methods: list[str] | None = None, save=lambda res: None) -> dict:
     from finetuning import hparams as H
     from models.organism import data as D
 
@@ -148,15 +152,23 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
 
     runs = {"full": ("full", {}), "lora-unet": ("lora", {"target": "unet"}),
             "lora-text": ("lora", {"target": "text"}), "dora-text": ("dora", {"target": "text"})}
+    order = methods or [*runs, "dreambooth", "textual_inversion"]
+    for name in order:
+        if name not in runs and name not in ("dreambooth", "textual_inversion"):
+            raise SystemExit(f"unknown method {name!r}; accepted: {', '.join([*runs, 'dreambooth', 'textual_inversion'])}")
     for name, (method, extra) in runs.items():
+        if name not in order:
+            continue
         res[name] = style_run(model, oracle, style, H.defaults(method, "organism", **extra, **tiny), n, gen,
                               out / "adapters" / name if method != "full" else None)
         log(f"{name}: style {res[name]['style_share']:.3f} content {res[name]['content_fidelity']:.3f} "
             f"({res[name]['train_seconds']:.0f}s train)")
+        save(res)
 
     per = max(1, -(-n // len(subjects)))
     index = json.loads((db / "subjects.json").read_text())
-    for name, method in (("dreambooth", "dreambooth"), ("textual_inversion", "textual-inversion")):
+    for name in [m for m in order if m in ("dreambooth", "textual_inversion")]:
+        method = name.replace("_", "-")
         res[name] = {}
         for sub in subjects:
             cls = index[sub]["class"]
@@ -174,6 +186,7 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
         res[name]["mean_subject_share"] = float(np.mean([res[name][s]["subject_share"] for s in subjects]))
         res[name]["mean_class_share_on_plain"] = float(np.mean([res[name][s]["class_share_on_plain"]
                                                                 for s in subjects]))
+        save(res)
     res["base_repeat_bit_identical"] = _images_equal(model, base_images, n, gen)
     res["classes"] = {s: index[s]["class"] for s in subjects}
     return res
@@ -300,6 +313,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--parts", default="organism,sd14,sweep")
     p.add_argument("--subjects", default="dog1,cat1,cup1,robot1")
+    p.add_argument("--methods", default=None,
+                   help="organism part: only these comma-separated runs; style runs first, then subject runs in "
+                        "the order given (default full,lora-unet,lora-text,dora-text,dreambooth,textual_inversion)")
     p.add_argument("--budget-s", type=float, default=320, help="no sweep run starts after this many seconds")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check that everything runs)")
     p.add_argument("--runs", default=None, help="JSON file of settings for the runs part (see runs_part)")
@@ -322,7 +338,12 @@ def main() -> int:
         (out / "finetuning.json").write_text(json.dumps(res, indent=1, default=str))
 
     if "organism" in parts:
-        res["organism"] = organism_part(out, args.n, args.device, args.quick, args.subjects.split(","), log)
+        def keep(org: dict) -> None:  # each run saved as it lands: a call killed at its limit keeps them
+            res["organism"] = org
+            save()
+
+        res["organism"] = organism_part(out, args.n, args.device, args.quick, args.subjects.split(","), log,
+                                        args.methods.split(",") if args.methods else None, keep)
         save()  # a later part that runs out of time keeps this one
     if "sd14" in parts:
         from finetuning.bench import step_benchmark
