@@ -137,9 +137,12 @@ def refact(model, request, *, hparams=None, stats=None):
 
 def style_data(folder: str | Path, n: int = 256, seed: int = 0) -> Path:
     """The organism's fine-tuning style set (ink style, content captions) of n images in
-    `folder` (imagefolder + metadata.jsonl), written once; an existing set of another size is
-    an error."""
+    `folder` (imagefolder + metadata.jsonl), written once and atomically (a write killed half way
+    leaves no half set behind: fadelab.plan._write_once). An existing set of another size, or a
+    folder that holds other files, is an error; nothing of the user's is deleted."""
     from models.organism import data as D
+
+    from .plan import _write_once
 
     folder = Path(folder)
     meta = folder / "metadata.jsonl"
@@ -147,9 +150,13 @@ def style_data(folder: str | Path, n: int = 256, seed: int = 0) -> Path:
         have = sum(1 for line in meta.read_text().splitlines() if line.strip())
         if have != n:
             raise FadelabError(f"{folder} holds a style set of {have} images, not {n}; use another folder")
+        (folder / ".done").touch()  # a complete set written before sets were marked
         return folder
-    D.write_style_set(folder, n=n, seed=seed)
-    return folder
+    if folder.exists() and any(folder.iterdir()):
+        raise FadelabError(f"{folder} is not empty and holds no style set; pass an empty or new folder")
+    if folder.exists():
+        folder.rmdir()  # empty: the atomic rename needs the name free
+    return _write_once(folder, lambda tmp: D.write_style_set(tmp, n=n, seed=seed))
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -372,7 +372,11 @@ def _write_once(folder: Path, write) -> Path:
         return folder
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # an error or Ctrl-C half way: no half-written copy left beside the folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / ".done").write_text("ok")
     for _ in range(2):
         try:

@@ -196,6 +196,34 @@ def test_shard_processes_writing_one_dataset_at_once_all_see_it_whole(tmp_path):
     assert sorted(p.name for p in folder.parent.iterdir()) == ["style"]
 
 
+def test_the_api_style_set_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import fadelab as fl
+    from models.errors import FadelabError
+    from models.organism import data as D
+
+    real = D.write_style_set
+
+    def dies_half_way(folder, n, seed):
+        real(folder, n=2, seed=seed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "write_style_set", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        fl.style_data(tmp_path / "style", n=4)
+    assert list(tmp_path.iterdir()) == []  # neither the set nor its temporary copy
+    monkeypatch.setattr(D, "write_style_set", real)
+    folder = fl.style_data(tmp_path / "style", n=4)
+    assert len(D.read_metadata(folder)) == 4 and len(list(folder.glob("*.png"))) == 4
+    assert fl.style_data(folder, n=4) == folder  # written once: the second call reads it
+    with pytest.raises(FadelabError, match="4 images, not 5"):
+        fl.style_data(folder, n=5)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FadelabError, match="not empty"):
+        fl.style_data(tmp_path / "mine", n=4)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
 def test_local_processes_take_the_gpus_the_parent_was_given():
     from fadelab.runner import child_gpu
 
