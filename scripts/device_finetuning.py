@@ -134,6 +134,10 @@ def _style_set(out: Path, quick: bool) -> Path:
     return folder
 
 
+#: the organism part's runs, in their default order
+ORGANISM_RUNS = ("full", "lora-unet", "lora-text", "dora-text", "dreambooth", "textual_inversion")
+
+
 def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[str], log,
                   methods: list[str] | None = None, save=lambda res: None) -> dict:
     from finetuning import hparams as H
@@ -152,10 +156,7 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
 
     runs = {"full": ("full", {}), "lora-unet": ("lora", {"target": "unet"}),
             "lora-text": ("lora", {"target": "text"}), "dora-text": ("dora", {"target": "text"})}
-    order = methods or [*runs, "dreambooth", "textual_inversion"]
-    for name in order:
-        if name not in runs and name not in ("dreambooth", "textual_inversion"):
-            raise SystemExit(f"unknown method {name!r}; accepted: {', '.join([*runs, 'dreambooth', 'textual_inversion'])}")
+    order = methods or list(ORGANISM_RUNS)
     for name, (method, extra) in runs.items():
         if name not in order:
             continue
@@ -331,6 +332,10 @@ def main() -> int:
     res: dict = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
                  "n": args.n, "quick": args.quick, "date": time.strftime("%Y-%m-%d")}
     parts = args.parts.split(",")
+    methods = args.methods.split(",") if args.methods else None
+    for name in methods or ():
+        if name not in ORGANISM_RUNS:
+            p.error(f"unknown --methods entry {name!r}; accepted: {', '.join(ORGANISM_RUNS)}")
 
     def save() -> None:
         res["verdicts"] = verdicts(res)
@@ -343,7 +348,7 @@ def main() -> int:
             save()
 
         res["organism"] = organism_part(out, args.n, args.device, args.quick, args.subjects.split(","), log,
-                                        args.methods.split(",") if args.methods else None, keep)
+                                        methods, keep)
         save()  # a later part that runs out of time keeps this one
     if "sd14" in parts:
         from finetuning.bench import step_benchmark
