@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=8, help="rendering processes")
     t.add_argument("--p-look", type=float, default=0.0,
                    help="share of dog/cat/cup/robot scenes drawn with a named colour and pattern "
-                        "(default 0, the shipped organism; 0.5 lets textual inversion reach the subjects)")
+                        "(default 0, the shipped organism; at 0.5 the VAE's 16x16 latents still lose the "
+                        "patterns, so textual inversion cannot reach the subjects: docs/organism.md)")
     t.add_argument("--pad-noise", type=float, default=0.0,
                    help="share of UNet samples whose padding rows are replaced (clean or another "
                         "caption's), so the UNet reads prompts from their tokens as SD1.x's does "
