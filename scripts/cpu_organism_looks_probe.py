@@ -9,8 +9,10 @@ by the organism's own oracle (subject head), on the CPU:
 
     python scripts/cpu_organism_looks_probe.py FOLDER N OUT   (FOLDER: an organism pipeline folder)
 
-writes OUT.json and OUT-words.png / OUT-vae.png (image grids). Logged runs (2026-12-04):
-docs/measured/2026-12-04-cpu-organism-v2-look-words.* and -vae-round-trip.*.
+writes OUT.json and OUT-words.png / OUT-vae.png (image grids). The runs logged in
+docs/measured/2026-12-04-cpu-organism-v2-look-words.*, -v2-vae-round-trip.png and
+-organism-vae-round-trip.json (N 20; the VAE part on both organisms) used this code before it was
+gathered into one script: the same prompts, seeds and reads, other file layouts.
 """
 import json
 import sys
