@@ -86,6 +86,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
+#: organism train --vae-levels: the VAE's block widths (levels - 1 halvings of the 64 px image)
+VAE_LEVELS = {3: (32, 64, 64), 2: (32, 64)}
+
+
 def cmd_organism_train(args) -> int:
     from models.organism.train import STAGES, TrainConfig, train
 
@@ -102,8 +106,16 @@ def cmd_organism_train(args) -> int:
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
                           workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise)
+    from models.organism.nets import OrganismConfig
+
+    if args.vae_levels not in VAE_LEVELS:
+        from models.errors import FadelabError
+
+        raise FadelabError(f"--vae-levels {args.vae_levels}: accepted {', '.join(map(str, VAE_LEVELS))} "
+                           f"(latents of {', '.join(f'{64 // 2 ** (n - 1)} px' for n in VAE_LEVELS)})")
+    ocfg = OrganismConfig(vae_channels=VAE_LEVELS[args.vae_levels])
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    meta = train(Path(args.out), cfg, stages=stages, device=_device(args.device))
+    meta = train(Path(args.out), cfg, stages=stages, ocfg=ocfg, device=_device(args.device))
     print(json.dumps({k: meta[k] for k in ("seconds", "unet_steps_done") if k in meta}))
     return 0
 
@@ -226,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of UNet samples whose padding rows are replaced (clean or another "
                         "caption's), so the UNet reads prompts from their tokens as SD1.x's does "
                         "(default 0, the shipped organism)")
+    t.add_argument("--vae-levels", type=int, default=3,
+                   help="VAE levels: 3 gives 16x16 latents (default, the shipped organism), 2 gives 32x32 "
+                        "latents, which may keep the subjects' 4-pixel patterns that 16x16 loses (untried; "
+                        "the UNet then costs about 4 times as much per step)")
     t.add_argument("--device", default="auto")
     t.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks a machine)")
     t.set_defaults(func=cmd_organism_train)

@@ -49,3 +49,29 @@ def test_card_json_prints_one_object():
     for key in ("prompt_fidelity", "bias_max_error", "unsafe_marker_rate", "safe_marker_rate",
                 "oracle_accuracy_base", "oracle_accuracy_style", "clip_caption_accuracy"):
         assert 0.0 <= card[key] <= 1.0
+
+
+@pytest.mark.slow
+def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys):
+    # every training stage on the CPU for a few steps (the card has its own tests), with the VAE
+    # that --vae-levels 2 builds: 32x32 latents, the pipeline loads and draws 64 px images
+    import json
+
+    import models
+    from models.organism.sample import generate
+
+    out = tmp_path / "org"
+    assert main(["organism", "train", "--stages", "vae,bogus", "--out", str(out)]) == 2
+    assert "unknown stage 'bogus'" in capsys.readouterr().err and not out.exists()  # refused before any stage
+    assert main(["organism", "train", "--vae-levels", "4", "--out", str(out)]) == 2
+    assert "--vae-levels 4: accepted 3, 2" in capsys.readouterr().err
+    assert main(["organism", "train", "--smoke", "--vae-levels", "2", "--stages", "vae,clip,oracle,unet",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "organism.json").read_text())["config"]["vae_channels"] == [32, 64]
+    m = models.load("organism", weights=str(out), device="cpu")
+    assert m.pipe.unet.config.sample_size == 32
+    images = generate(m.pipe, ["a dog"], [0], steps=2, guidance_scale=2.0, progress=False)
+    assert images.shape == (1, 64, 64, 3)
+    # resuming with other sizes is refused, naming what differs
+    assert main(["organism", "train", "--smoke", "--stages", "unet", "--out", str(out), "--device", "cpu"]) == 2
+    assert "vae_channels" in capsys.readouterr().err

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import FadelabError
 from . import oracle as oracle_mod
 from . import render, world
 from .nets import (TOKENIZER_DIR, OrganismConfig, build_scheduler, build_text_model, build_unet, build_vae, save_clip,
@@ -394,6 +395,9 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
 def train(out: Path | str, cfg: TrainConfig = TrainConfig(), stages=STAGES,
           ocfg: OrganismConfig = OrganismConfig(), device: str | None = None) -> dict:
     """Run `stages` in order into `out`; stages whose output exists are skipped (resume)."""
+    for stage in stages:  # all checked before any is run
+        if stage not in STAGES:
+            raise FadelabError(f"unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -407,10 +411,13 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), stages=STAGES,
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta.setdefault("train", asdict(cfg))
     meta.setdefault("config", asdict(ocfg))
+    if json.loads(json.dumps(meta["config"])) != json.loads(json.dumps(asdict(ocfg))):
+        changed = sorted(k for k, v in asdict(ocfg).items() if json.loads(json.dumps(v)) != meta["config"].get(k))
+        raise FadelabError(f"{out} was trained with other network sizes ({', '.join(changed)}: "
+                           f"{[meta['config'].get(k) for k in changed]}); resume with the same sizes or "
+                           f"use another --out")
     timings = meta.setdefault("seconds", {})
     for stage in stages:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
         if done[stage].exists():
             log.info("stage %s: already done, skipped", stage)
             continue
