@@ -15,6 +15,11 @@
 # Each call packs .organism-v2/ into $OUT/organism-v2.tgz.00, .01, ... (15 MiB pieces: a call
 # brings back at most 8 files of 16 MiB) and its logs into $OUT/results.tgz. Here:
 #   cat organism-v2.tgz.* | tar -xz -C /tmp    gives /tmp/.organism-v2, a pipeline folder
+# On 2026-12-04 the machine went back between every call (a reply read takes longer than 30 s):
+# then untar the pieces into .organism-v2 here (without tokenizer/, which B rewrites) and carry
+# it, with the shipped weights' unet, text_encoder, vae, clip and oracle folders moved out of the
+# tree for that call (tree + .whl + .organism-v2 must stay under 64 MiB); for C, copy the result
+# over models/organism/weights here instead, carry only .whl, and restore with git afterwards.
 set -u
 export PYTHONPATH=/tmp/site:$PWD
 # installed once per machine: a second install would replace files that another lane is importing
@@ -23,7 +28,9 @@ python3 -c "import diffusers, prodigyopt" 2>/dev/null ||
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L; date -u
 W=.organism-v2
-FLAGS="--p-look 0.5 --pad-noise 0.5 --unet-minutes 6 --out $W --workers 14 --device cuda"  # A records them all in organism.json
+# the 2026-12-04 run (v2, not adopted: docs/organism.md); the next try adds --vae-levels 2:
+#   RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 --unet-minutes 6" bash scripts/device_organism_retrain.sh A
+FLAGS="${RETRAIN:---p-look 0.5 --pad-noise 0.5 --unet-minutes 6} --out $W --workers 14 --device cuda"  # A records them in organism.json
 t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one line to $OUT/lanes.txt
   local name=$1 lim=$2; shift 2; local s; s=$(date +%s)
   timeout "$lim" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
