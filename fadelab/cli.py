@@ -111,8 +111,9 @@ def cmd_organism_train(args) -> int:
     if args.vae_levels not in VAE_LEVELS:
         from models.errors import FadelabError
 
+        side = {n: OrganismConfig(vae_channels=c).latent_size for n, c in VAE_LEVELS.items()}
         raise FadelabError(f"--vae-levels {args.vae_levels}: accepted {', '.join(map(str, VAE_LEVELS))} "
-                           f"(latents of {', '.join(f'{64 // 2 ** (n - 1)} px' for n in VAE_LEVELS)})")
+                           f"({', '.join(f'{n}: {k}x{k} latents' for n, k in side.items())})")
     ocfg = OrganismConfig(vae_channels=VAE_LEVELS[args.vae_levels])
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     meta = train(Path(args.out), cfg, stages=stages, ocfg=ocfg, device=_device(args.device))
