@@ -410,9 +410,9 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), stages=STAGES,
     meta_path = out / "organism.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta.setdefault("train", asdict(cfg))
-    meta.setdefault("config", asdict(ocfg))
-    if json.loads(json.dumps(meta["config"])) != json.loads(json.dumps(asdict(ocfg))):
-        changed = sorted(k for k, v in asdict(ocfg).items() if json.loads(json.dumps(v)) != meta["config"].get(k))
+    sizes = json.loads(json.dumps(asdict(ocfg)))  # tuples as the JSON lists organism.json holds
+    if meta.setdefault("config", sizes) != sizes:
+        changed = sorted(k for k, v in sizes.items() if v != meta["config"].get(k))
         raise FadelabError(f"{out} was trained with other network sizes ({', '.join(changed)}: "
                            f"{[meta['config'].get(k) for k in changed]}); resume with the same sizes or "
                            f"use another --out")
