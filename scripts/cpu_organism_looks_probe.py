@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from models.organism import render, world  # noqa: E402
 from models.organism.oracle import Oracle  # noqa: E402
 from models.organism.sample import generate  # noqa: E402
+from models.organism.train import _to_x  # noqa: E402
 
 
 def words(pipe, oracle, n: int) -> tuple[dict, np.ndarray]:
@@ -52,7 +53,7 @@ def vae_round_trip(folder: Path, oracle, n: int = 32) -> tuple[dict, np.ndarray]
     for sub, (cls, *_) in world.SUBJECTS.items():
         imgs = np.stack([render.render(world.Scene("animal", cls=cls, subject=sub, jitter=j)) for j in range(n)])
         with torch.no_grad():
-            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = _to_x(torch.from_numpy(imgs))
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         y = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         res[sub] = {"n": n, "renders": float(np.mean([s == sub for s in oracle.read(imgs)["subject"]])),

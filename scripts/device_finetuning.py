@@ -134,8 +134,12 @@ def _style_set(out: Path, quick: bool) -> Path:
     return folder
 
 
-#: the organism part's runs, in their default order
-ORGANISM_RUNS = ("full", "lora-unet", "lora-text", "dora-text", "dreambooth", "textual_inversion")
+#: the organism part's style runs: name -> (method, extra hyperparameters)
+STYLE_RUNS = {"full": ("full", {}), "lora-unet": ("lora", {"target": "unet"}),
+              "lora-text": ("lora", {"target": "text"}), "dora-text": ("dora", {"target": "text"})}
+SUBJECT_RUNS = ("dreambooth", "textual_inversion")
+#: all of the organism part's runs, in their default order
+ORGANISM_RUNS = (*STYLE_RUNS, *SUBJECT_RUNS)
 
 
 def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[str], log,
@@ -154,10 +158,8 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
     res["base"], base_images = content_share(model, oracle, n, seed=100, **gen)
     log(f"base: {res['base']}")
 
-    runs = {"full": ("full", {}), "lora-unet": ("lora", {"target": "unet"}),
-            "lora-text": ("lora", {"target": "text"}), "dora-text": ("dora", {"target": "text"})}
     order = methods or list(ORGANISM_RUNS)
-    for name, (method, extra) in runs.items():
+    for name, (method, extra) in STYLE_RUNS.items():
         if name not in order:
             continue
         res[name] = style_run(model, oracle, style, H.defaults(method, "organism", **extra, **tiny), n, gen,
@@ -168,7 +170,7 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
 
     per = max(1, -(-n // len(subjects)))
     index = json.loads((db / "subjects.json").read_text())
-    for name in [m for m in order if m in ("dreambooth", "textual_inversion")]:
+    for name in [m for m in order if m in SUBJECT_RUNS]:
         method = name.replace("_", "-")
         res[name] = {}
         for sub in subjects:
