@@ -112,19 +112,6 @@ def bench_rows(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]
     ]
 
 
-def _no_cudnn_attention(on: bool):
-    """SDPA without the cuDNN backend when `on`: FLUX's LoRA step at 1024 px peaks at 77 GiB of an
-    80 GB H100, and there cuDNN attention's backward failed to execute its graph (H100, 2026-11-28,
-    after a full-fine-tuning OOM in the same process); flash / memory-efficient attention ran."""
-    from contextlib import nullcontext
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if not on:
-        return nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 #: family -> (native resolution in pixels, T5 tokens): SDXL 1024 px (unet sample_size 128 x 8);
 #: FLUX.1-schnell 1024 px (the pipeline's default_sample_size 128 x 8) and 256 T5 tokens (its card)
 FAMILY_NATIVE = {"sdxl": (1024, None), "flux-schnell": (1024, 256)}
@@ -162,8 +149,7 @@ def family_step_benchmark(family: str, device: str = "cuda", *, methods: tuple[s
         hp = defaults(method, family, steps=steps, batch_size=batch, resolution=resolution,
                       max_sequence_length=t5, **extra)
         try:
-            with _no_cudnn_attention(family == "flux-schnell"):
-                r = train(model, data, hp, seed=seed, progress=progress)
+            r = train(model, data, hp, seed=seed, progress=progress)  # SDPA without cuDNN: loop.training_attention
         except torch.OutOfMemoryError:
             out[method] = {"error": "out of memory"}
             gc.collect()

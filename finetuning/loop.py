@@ -136,6 +136,18 @@ def epoch_indices(n: int, start: int, count: int, seed: int) -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def training_attention(device: torch.device):
+    """SDPA without its cuDNN backend on CUDA (flash, memory-efficient and math remain): cuDNN
+    attention's backward failed to execute on FLUX at 1024 px near an H100's memory limit
+    (2026-11-28), and FLUX's LoRA smoke cell at 128 px on an H200 died in the backward with
+    CUBLAS_STATUS_EXECUTION_FAILED (2026-12-04)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _autocast(device: torch.device, hp: TrainHParams):
     if hp.mixed_precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -206,6 +218,7 @@ class _Run:
         total = torch.zeros((), device=self.device)
         for k in range(hp.grad_accum):
             with contextlib.ExitStack() as ctx:
+                ctx.enter_context(training_attention(self.device))
                 if k < hp.grad_accum - 1 and acc.num_processes > 1:
                     for m in self.wrapped.values():
                         ctx.enter_context(acc.no_sync(m))

@@ -323,3 +323,44 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model, style, 
         train(model, style, short("full", steps=1, batch_size=1), base_delta=nan, progress=False)
     assert e.value.result.steps == [] and e.value.result.delta.sites() == []
     assert _unchanged(model, before)
+
+
+def test_training_attention_leaves_out_cudnn_on_cuda_only():
+    from finetuning.loop import training_attention
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with training_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    with training_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@needs_weights
+def test_every_micro_batch_runs_inside_the_training_attention(model, style, monkeypatch):
+    """The loss and its backward of each micro-batch run under training_attention (on CUDA: no
+    cuDNN attention, whose backward failed on FLUX): wired in once, not per method."""
+    import contextlib
+
+    from finetuning import loop
+
+    depth, seen = [0], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real_backward = torch.Tensor.backward
+
+    def backward(self, *a, **k):
+        seen.append(depth[0])
+        return real_backward(self, *a, **k)
+
+    monkeypatch.setattr(loop, "training_attention", recording)
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    train(model, style, short("lora", steps=2, batch_size=1, grad_accum=2, target="unet"), progress=False)
+    assert seen == [1, 1, 1, 1]
