@@ -57,6 +57,8 @@ def options() -> dict:
         "full+vae-cudagraphs": C(compile="full", compile_vae=True, compile_mode="reduce-overhead"),
         "full+vae-1x1mm": C(compile="full", compile_vae=True, conv_1x1_as_mm=True),
         "full+vae-autotune": C(compile="full", compile_vae=True, compile_mode="max-autotune-no-cudagraphs"),
+        "full+vae-1x1mm-cudagraphs": C(compile="full", compile_vae=True, conv_1x1_as_mm=True,
+                                       compile_mode="reduce-overhead"),
     }
 
 
@@ -71,9 +73,8 @@ def reset_compiler() -> None:
     torch.cuda.empty_cache()
 
 
-def gen_options(args, bench, device: str) -> list:
-    setting = bench.SETTINGS["generation"]
-    setting = setting.quick() if args.quick else setting
+def gen_options(args, bench, device: str, keep=lambda rows: None) -> list:
+    setting = gen_setting(args, bench, "generation")
     chosen = options()
     names = args.options.split(",") if args.options else list(chosen)
     unknown = [n for n in names if n not in chosen]
@@ -92,10 +93,17 @@ def gen_options(args, bench, device: str) -> list:
         r[0].extra.pop("rates")  # the estimate prices the headline configuration only
         r[2].benchmark += f": {name}"
         rows += [r[0], r[2]]
+        keep(rows)
         print(f"{name}: {r[0].fadelab:.3f} vs stock {r[0].baseline:.3f} images/s, first batch {r[2].fadelab:.1f} s"
               f" ({time.time() - t_start:.0f} s so far)", flush=True)
         del m
     return rows
+
+
+def gen_setting(args, bench, name: str):
+    """bench.SETTINGS[name], CPU-sized with --quick, with --batches timed batches per side."""
+    setting = bench.SETTINGS[name].quick() if args.quick else bench.SETTINGS[name]
+    return replace(setting, batches=args.batches) if args.batches else setting
 
 
 def config_for(args, part: str):
@@ -119,6 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="FastGenConfig TOML/JSON for gen, sdxl, flux, multigpu")
     p.add_argument("--compile", default=None, choices=("none", "regional", "full"), help="override compile")
     p.add_argument("--options", default=None, help="gen-options: comma-separated option sets")
+    p.add_argument("--batches", type=int, default=None,
+                   help="gen, gen-options, sdxl, flux: timed batches per side (default: the setting's)")
+    p.add_argument("--hooks", default=None, help="hooks: comma-separated subset of edit,finetune,probe")
     p.add_argument("--rows", nargs="*", default=[], help="JSON rows from earlier calls (for estimate)")
     p.add_argument("--images-per-process", type=int, default=48, help="multigpu: images per process")
     p.add_argument("--budget-s", type=float, default=450.0, help="skip parts that would start after this")
@@ -128,6 +139,8 @@ def main(argv=None) -> int:
     bad = [x for x in parts if x not in PARTS]
     if bad:
         p.error(f"unknown parts {bad}; known: {', '.join(PARTS)}")
+    if args.batches is not None and args.batches < 1:
+        p.error(f"--batches {args.batches}: give at least 1 timed batch per side")
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -144,6 +157,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prior = [r for path in args.rows for r in bench.read_rows_json(path)]
     rows, main_process, log = [], True, []
+    hooks = [h for h in (args.hooks or ",".join(bench.HOOKS)).split(",") if h]
+    if unknown := [h for h in hooks if h not in bench.HOOKS]:
+        p.error(f"--hooks: unknown {unknown}; known: {', '.join(bench.HOOKS)}")
+    tag = "_".join(parts).replace("-", "")
+
+    def save(rows: list, log: list) -> None:
+        """Write the rows so far (after every part: a call cut off at its limit keeps them)."""
+        if not main_process:
+            return
+        (out / f"bench_{tag}.json").write_text(json.dumps(
+            {"rows": bench.rows_to_json(rows), "parts": parts, "log": log, "quick": args.quick,
+             "torch": torch.__version__, "seconds": time.time() - T0}, indent=1, default=str))
+        (out / f"benchmarks_{tag}.md").write_text(bench.render(rows))
+
     if device == "cuda":
         print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     for part in parts:
@@ -156,10 +183,10 @@ def main(argv=None) -> int:
             reset_compiler()
         if part in ("gen", "sdxl", "flux"):
             name = {"gen": "generation"}.get(part, part)
-            setting = bench.SETTINGS[name].quick() if args.quick else bench.SETTINGS[name]
+            setting = gen_setting(args, bench, name)
             rows += bench.generation_rows(setting, device, config_for(args, part), name="generation")
         elif part == "gen-options":
-            rows += gen_options(args, bench, device)
+            rows += gen_options(args, bench, device, keep=lambda new: save(rows + new, log))
         elif part == "train":
             rows += bench.train_step_rows(device, args.quick)
         elif part == "record":
@@ -167,8 +194,9 @@ def main(argv=None) -> int:
             scratch.mkdir(exist_ok=True)
             rows += bench.record_rows(device, args.quick, directory=scratch)
         elif part == "hooks":
-            for hook in bench.HOOKS:
+            for hook in hooks:
                 rows += bench.hook_rows(hook, device, args.quick)
+                save(rows, log + [f"hooks {hook}: done"])
         elif part == "ft-families":
             rows += bench.BENCHMARKS["finetune-families"](device, args.quick)
         elif part == "fam-edit-record":
@@ -182,19 +210,14 @@ def main(argv=None) -> int:
 
             state = PartialState(cpu=device == "cpu")
             main_process = state.is_main_process
-            setting = bench.SETTINGS["generation"].quick() if args.quick else bench.SETTINGS["generation"]
+            setting = gen_setting(args, bench, "generation")
             rows += bench.data_parallel_rows(setting, config_for(args, part), state=state,
                                              images_per_process=args.images_per_process)
         log.append(f"{part}: {time.time() - t:.0f} s")
         print(log[-1], flush=True)
-    if not main_process:
-        return 0
-    tag = "_".join(parts).replace("-", "")
-    (out / f"bench_{tag}.json").write_text(json.dumps(
-        {"rows": bench.rows_to_json(rows), "parts": parts, "log": log, "quick": args.quick,
-         "torch": torch.__version__, "seconds": time.time() - T0}, indent=1, default=str))
-    (out / f"benchmarks_{tag}.md").write_text(bench.render(rows))
-    print(bench.render(rows), flush=True)
+        save(rows, log)
+    if main_process:
+        print(bench.render(rows), flush=True)
     return 0
 
 

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The GPU work still owed after session 6 (2026-12-04), as calls of under 10 minutes. Calls 1-3
+# The GPU work still owed after session 7 (2026-12-04), as calls of under 10 minutes. Calls 1-3
 # need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
-# session 6). Carry .whl and .bench-data (a copy of ../shared/data:
+# sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).
-# Chain calls back to back only where a call resumes the last one's ignored outputs (sd14's smoke
-# run in fadelab-out/): the machine goes back after 30 s idle, and a fresh one starts bare.
+# Chain calls back to back only where a call resumes the last one's ignored outputs (the smoke
+# runs in fadelab-out/): the machine goes back after 30 s idle, and a fresh one starts bare.
 #
-#   1: issue 8: SDXL/FLUX edit + recording pass, then fastgen's default against full+vae-1x1mm
-#      in one run
-#   2: issue 8: probe rows (hooks); issue 7: sd14.toml --smoke at full size (14 of 40 cells fit
-#      in 330 s on an H200, 2026-12-04: repeat the call while warm until status shows 40 done)
-#   3: issue 7: sdxl.toml and flux-schnell.toml --smoke, one after the other
+#   1: issue 8: the probe rows alone (hooks --hooks probe). Twice cut off at about 200 s on
+#      2026-12-04 in the SDXL-width dense rows (the other rows are in benchmarks.md by hand,
+#      without peak memory); device_bench now writes its rows after every part
+#   2: issue 7: sd14.toml --smoke at full size (14 of 40 cells fit in 330 s on an H200,
+#      2026-12-04: repeat the call while warm until status shows 40 done)
+#   3: issue 7: sdxl.toml --smoke at full size (5 of 15 cells in 195 s, 2026-12-04: repeat while
+#      warm). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux` repeats it)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
 #      processes side by side, then on two GPUs (--jobs 2)
 #
+# Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
+# generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
+# full+vae-cudagraphs,full+vae-1x1mm-cudagraphs): docs/measured/2026-12-04-h200-s7-*.
 # Logs go to $OUT/<name>.log, results to $OUT/<name>/, all packed into $OUT/results.tgz (a call
-# brings back only 8 files). The organism retrain that calls 1-3 of session 5's plan held ran in
-# session 6 (scripts/device_organism_retrain.sh; not adopted, docs/organism.md).
+# brings back only 8 files). The organism retrain: scripts/device_organism_retrain.sh.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false FADELAB_BENCHMARKS=$PWD/.bench-data
@@ -33,13 +37,10 @@ smoke() {  # smoke FAMILY SECONDS: the family's grid at full size on random weig
   python3 -m fadelab.cli status "experiments/$1.toml" --smoke --out "fadelab-out/smoke-$1" > "$OUT/smoke-$1-status.txt" 2>&1
 }
 case "${1:-}" in
-1) t fam-edit-record 260 python3 scripts/device_bench.py --parts fam-edit-record --out "$OUT/famedit" --budget-s 240
-   t gen-options 280 python3 scripts/device_bench.py --parts gen-options --options full+vae,full+vae-1x1mm \
-       --out "$OUT/genopt" --budget-s 260 ;;
-2) t hooks 220 python3 scripts/device_bench.py --parts hooks --out "$OUT/hooks" --budget-s 200
-   smoke sd14 320 ;;
-3) smoke sdxl 280
-   smoke flux-schnell 280 ;;
+1) t hooks-probe 450 python3 scripts/device_bench.py --parts hooks --hooks probe --out "$OUT/hooksprobe" \
+       --budget-s 430 ;;
+2) smoke sd14 540 ;;
+3) smoke "${2:-sdxl}" 540 ;;
 4) t grid-1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 -m fadelab.cli run experiments/throughput.toml \
        --device cuda --out fadelab-out/grid1 --no-report &
    t grid-1gpu-3proc 200 env CUDA_VISIBLE_DEVICES=1 python3 -m fadelab.cli run experiments/throughput.toml \
@@ -50,7 +51,7 @@ case "${1:-}" in
    for d in grid1 grid1x3 grid2; do
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/$d" > "$OUT/$d-status.txt" 2>&1
    done ;;
-*) echo "usage: $0 1|2|3|4" >&2; exit 2 ;;
+*) echo "usage: $0 1|2|3 [sdxl|flux-schnell]|4" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
