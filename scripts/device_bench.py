@@ -166,10 +166,12 @@ def main(argv=None) -> int:
         """Write the rows so far (after every part: a call cut off at its limit keeps them)."""
         if not main_process:
             return
-        (out / f"bench_{tag}.json").write_text(json.dumps(
-            {"rows": bench.rows_to_json(rows), "parts": parts, "log": log, "quick": args.quick,
-             "torch": torch.__version__, "seconds": time.time() - T0}, indent=1, default=str))
-        (out / f"benchmarks_{tag}.md").write_text(bench.render(rows))
+        for path, text in ((out / f"bench_{tag}.json", json.dumps(
+                {"rows": bench.rows_to_json(rows), "parts": parts, "log": log, "quick": args.quick,
+                 "torch": torch.__version__, "seconds": time.time() - T0}, indent=1, default=str)),
+                           (out / f"benchmarks_{tag}.md", bench.render(rows))):
+            path.with_suffix(".tmp").write_text(text)
+            os.replace(path.with_suffix(".tmp"), path)  # a kill mid-write leaves the last whole file
 
     if device == "cuda":
         print(torch.__version__, torch.cuda.get_device_name(), flush=True)

@@ -199,3 +199,30 @@ def test_family_record_pass_stores_every_fc2_input_and_the_context_embedder(tmp_
         assert got.shape == want.shape
         assert torch.equal(got, want)
         assert all(st.read_activations("M", s)[0].shape[0] == 3 for s in fc2)
+
+
+def _device_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "device_bench.py"
+    spec = importlib.util.spec_from_file_location("device_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_bench_times_the_batches_asked_for_and_refuses_bad_flags(tmp_path, capsys):
+    db = _device_bench()
+    for argv, said in ((["--parts", "gen", "--batches", "0"], "--batches 0"),
+                       (["--parts", "hooks", "--hooks", "probe,nope"], "unknown ['nope']"),
+                       (["--parts", "gen,nope"], "unknown parts ['nope']")):
+        with pytest.raises(SystemExit) as e:
+            db.main([*argv, "--quick", "--device", "cpu", "--out", str(tmp_path)])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert db.main(["--parts", "gen", "--quick", "--device", "cpu", "--compile", "none", "--batches", "2",
+                    "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "bench_gen.json").read_text())
+    assert saved["log"][-1].startswith("gen: ") and not list(tmp_path.glob("*.tmp"))
+    first = saved["rows"][0]
+    assert len(first["extra"]["t_fast"]) == len(first["extra"]["t_stock"]) == 2
+    assert "median of 2 timed batches per side" in first["notes"]
