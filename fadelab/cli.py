@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0, the shipped organism)")
     t.add_argument("--vae-levels", type=int, default=3,
                    help="VAE levels: 3 gives 16x16 latents (default, the shipped organism), 2 gives 32x32 "
-                        "latents, which may keep the subjects' 4-pixel patterns that 16x16 loses (untried; "
-                        "the UNet then costs about 4 times as much per step)")
+                        "latents, which begin to keep the subjects' 4-pixel patterns that 16x16 loses (a short "
+                        "CPU probe, docs/organism.md; never trained at full size; the UNet then costs "
+                        "about 4 times as much per step)")
     t.add_argument("--device", default="auto")
     t.add_argument("--smoke", action="store_true", help="a few steps of every stage (checks a machine)")
     t.set_defaults(func=cmd_organism_train)
