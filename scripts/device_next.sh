@@ -12,7 +12,7 @@
 #   2: issue 7: sd14.toml --smoke at full size (14 of 40 cells fit in 330 s on an H200,
 #      2026-12-04: repeat the call while warm until status shows 40 done)
 #   3: issue 7: sdxl.toml --smoke at full size (5 of 15 cells in 195 s, 2026-12-04: repeat while
-#      warm). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux` repeats it)
+#      warm). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux-schnell` repeats it)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
 #      processes side by side, then on two GPUs (--jobs 2)
 #
