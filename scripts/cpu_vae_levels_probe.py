@@ -18,13 +18,15 @@ folders given as references:
     oracle         share of round trips the shipped oracle reads as the subject (it keys on
                    tints as well as patterns, so it is a weak check)
 
-    python scripts/cpu_vae_levels_probe.py STEPS BATCH N_IMAGES OUT [REFERENCE_FOLDER ...]
+    python scripts/cpu_vae_levels_probe.py --steps 400 --batch 32 --n 6000 --out OUT [--levels 3,2] \
+        [REFERENCE_FOLDER ...]
 
-STEPS 0 trains nothing and measures the reference folders only (e.g. the OUT-vae2 and OUT-vae3
-folders of an earlier run, each holding a vae/).
+trains OUT-vae3/ and OUT-vae2/ (--levels picks), then measures them and every reference folder
+(each holding a vae/; --steps 0 trains nothing, e.g. to measure the folders of an earlier run).
 
 writes OUT.json and OUT.png (per subject: 4 renders, then each VAE's round trips of them).
 """
+import argparse
 import json
 import sys
 import time
@@ -65,20 +67,31 @@ def round_trips(vae: AutoencoderKL, imgs: np.ndarray) -> tuple[np.ndarray, dict]
 
 
 def main() -> None:
-    steps, batch, n, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-    references = [Path(p) for p in sys.argv[5:]]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, required=True, help="VAE steps of each level (0: train nothing)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--n", type=int, default=6000, help="base renders (and n/5 ink renders)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--levels", default="3,2", help=f"comma-separated, of {sorted(VAE_LEVELS)}")
+    p.add_argument("references", nargs="*", type=Path)
+    args = p.parse_args()
+    accepted = {str(k): k for k in VAE_LEVELS}
+    if bad := [x for x in args.levels.split(",") if x not in accepted]:
+        p.error(f"--levels {args.levels}: {bad} unknown; accepted {sorted(VAE_LEVELS)}")
+    levels = [accepted[x] for x in args.levels.split(",")]
+    steps, batch, n, out, references = args.steps, args.batch, args.n, args.out, args.references
     torch.set_num_threads(2)
     cfg = TrainConfig(n_base=n, n_ink=max(1, n // 5), vae_steps=steps, vae_batch=batch, workers=2, p_look=0.5)
     data = _Data(cfg)
     vaes: dict[str, AutoencoderKL] = {}
     res: dict = {"steps": steps, "batch": cfg.vae_batch, "n_base": cfg.n_base, "n_ink": cfg.n_ink,
                  "p_look": cfg.p_look, "trained_here": {}, "vaes": {}}
-    for levels, channels in sorted(VAE_LEVELS.items(), reverse=True) if steps else ():
-        ocfg = OrganismConfig(vae_channels=channels)
-        folder = out.parent / f"{out.name}-vae{levels}"
+    for level in levels if steps else ():
+        ocfg = OrganismConfig(vae_channels=VAE_LEVELS[level])
+        folder = out.parent / f"{out.name}-vae{level}"
         t = time.time()
         train_vae(folder, data, cfg, ocfg, torch.device("cpu"))
-        name = f"{levels} levels, {ocfg.latent_size}x{ocfg.latent_size} latents, {steps} CPU steps of {batch}"
+        name = f"{level} levels, {ocfg.latent_size}x{ocfg.latent_size} latents, {steps} CPU steps of {batch}"
         res["trained_here"][name] = {"seconds": round(time.time() - t, 1), "folder": str(folder)}
         vaes[name] = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
         print(name, res["trained_here"][name], flush=True)
