@@ -86,10 +86,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-#: organism train --vae-levels: the VAE's block widths (levels - 1 halvings of the 64 px image)
-VAE_LEVELS = {3: (32, 64, 64), 2: (32, 64)}
-
-
 def cmd_organism_train(args) -> int:
     from models.organism.train import STAGES, TrainConfig, train
 
@@ -106,7 +102,7 @@ def cmd_organism_train(args) -> int:
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
                           workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise)
-    from models.organism.nets import OrganismConfig
+    from models.organism.nets import VAE_LEVELS, OrganismConfig
 
     if args.vae_levels not in VAE_LEVELS:
         from models.errors import FadelabError

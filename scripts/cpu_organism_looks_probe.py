@@ -19,16 +19,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
-from models.organism import render, world  # noqa: E402
+from models.organism import world  # noqa: E402
 from models.organism.oracle import Oracle  # noqa: E402
 from models.organism.sample import generate  # noqa: E402
-from models.organism.train import _to_x  # noqa: E402
+from scripts.cpu_vae_levels_probe import round_trips, subject_renders  # noqa: E402
 
 
 def words(pipe, oracle, n: int) -> tuple[dict, np.ndarray]:
@@ -50,12 +49,8 @@ def words(pipe, oracle, n: int) -> tuple[dict, np.ndarray]:
 def vae_round_trip(folder: Path, oracle, n: int = 32) -> tuple[dict, np.ndarray]:
     vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
     res, rows = {}, []
-    for sub, (cls, *_) in world.SUBJECTS.items():
-        imgs = np.stack([render.render(world.Scene("animal", cls=cls, subject=sub, jitter=j)) for j in range(n)])
-        with torch.no_grad():
-            x = _to_x(torch.from_numpy(imgs))
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        y = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    for sub, imgs in subject_renders(n).items():
+        y, _ = round_trips(vae, imgs)
         res[sub] = {"n": n, "renders": float(np.mean([s == sub for s in oracle.read(imgs)["subject"]])),
                     "vae_round_trip": float(np.mean([s == sub for s in oracle.read(y)["subject"]]))}
         print(sub, res[sub], flush=True)

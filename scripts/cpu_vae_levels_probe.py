@@ -39,9 +39,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import AutoencoderKL  # noqa: E402
-from fadelab.cli import VAE_LEVELS  # noqa: E402
 from models.organism import render, world  # noqa: E402
-from models.organism.nets import WEIGHTS_DIR, OrganismConfig  # noqa: E402
+from models.organism.nets import VAE_LEVELS, WEIGHTS_DIR, OrganismConfig  # noqa: E402
 from models.organism.oracle import Oracle  # noqa: E402
 from models.organism.train import TrainConfig, _Data, _to_x, train_vae  # noqa: E402
 
@@ -50,8 +49,15 @@ def highpass(x: torch.Tensor) -> torch.Tensor:
     return x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
 
+def subject_renders(n: int = 32) -> dict[str, np.ndarray]:
+    """uint8 renders (n, 64, 64, 3) of each DreamBooth subject, jitter 0 ... n - 1."""
+    return {sub: np.stack([render.render(world.Scene("animal", cls=cls, subject=sub, jitter=j)) for j in range(n)])
+            for sub, (cls, *_) in world.SUBJECTS.items()}
+
+
 def round_trips(vae: AutoencoderKL, imgs: np.ndarray) -> tuple[np.ndarray, dict]:
-    """uint8 round trips of `imgs` and their mae (/255), highpass_rel and highpass_corr."""
+    """uint8 round trips (encode mean, decode) of `imgs` and the measures of the module docstring
+    but the oracle's."""
     with torch.no_grad():
         x = _to_x(torch.from_numpy(imgs))
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
@@ -99,8 +105,7 @@ def main() -> None:
         vaes[f"reference {ref}"] = AutoencoderKL.from_pretrained(ref / "vae").float().eval()
     oracle = Oracle.load(WEIGHTS_DIR / "oracle", "cpu")
     rows = []
-    for sub, (cls, *_) in world.SUBJECTS.items():
-        imgs = np.stack([render.render(world.Scene("animal", cls=cls, subject=sub, jitter=j)) for j in range(32)])
+    for sub, imgs in subject_renders().items():
         row = [np.concatenate(list(imgs[:4]), 1)]
         for name, vae in vaes.items():
             y, m = round_trips(vae, imgs)

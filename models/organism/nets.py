@@ -68,6 +68,11 @@ class OrganismConfig:
         return self.image_size // 2 ** (len(self.vae_channels) - 1)
 
 
+#: `fadelab organism train --vae-levels`: VAE block widths by level count (levels - 1 halvings of
+#: the 64 px image); 3 is the shipped organism's
+VAE_LEVELS = {3: (32, 64, 64), 2: (32, 64)}
+
+
 def text_core(text_encoder):
     """The module holding embeddings/encoder/final_layer_norm of a CLIPTextModel.
 
