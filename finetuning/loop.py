@@ -37,7 +37,8 @@ How a run goes:
      `checkpoint_sites`), the resume state is written to `state_dir`, and `callback(step, work)`
      runs with the working model.
 Attention runs through PyTorch SDPA: diffusers' AttnProcessor2_0 and transformers' "sdpa", the
-defaults of both; the processors in use are listed in result.info["attention"].
+defaults of both; the processors in use are listed in result.info["attention"]. On CUDA each
+micro-batch runs without SDPA's cuDNN backend (training_attention).
 """
 
 from __future__ import annotations
