@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The GPU work still owed after session 7 (2026-12-04), as calls of under 10 minutes. Calls 1-3
+# The GPU work still owed after session 8 (2026-12-04), as calls of under 10 minutes. Calls 1-3
 # need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
 # sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).
 # Chain calls back to back only where a call resumes the last one's ignored outputs (the smoke
 # runs in fadelab-out/): the machine goes back after 30 s idle, and a fresh one starts bare.
 #
-#   1: issue 8: the probe rows alone (hooks --hooks probe). Twice cut off at about 200 s on
-#      2026-12-04 in the SDXL-width dense rows (the other rows are in benchmarks.md by hand,
-#      without peak memory); device_bench now writes its rows after every part
+#   1: issue 8: the probe rows alone (hooks --hooks probe). Done in session 8 (2026-12-04, 336 s):
+#      every row with its peak memory, docs/measured/2026-12-04-h200-s8-hooks-probe.*
 #   2: issue 7: sd14.toml --smoke at full size (14 of 40 cells fit in 330 s on an H200,
 #      2026-12-04: repeat the call while warm until status shows 40 done)
 #   3: issue 7: sdxl.toml --smoke at full size (5 of 15 cells in 195 s, 2026-12-04: repeat while
