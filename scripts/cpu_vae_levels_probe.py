@@ -40,7 +40,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import AutoencoderKL  # noqa: E402
 from models.organism import render, world  # noqa: E402
-from models.organism.nets import VAE_LEVELS, WEIGHTS_DIR, OrganismConfig  # noqa: E402
+from models.organism.nets import VAE_LEVELS, WEIGHTS_DIR, sizes_for_vae_levels  # noqa: E402
 from models.organism.oracle import Oracle  # noqa: E402
 from models.organism.train import TrainConfig, _Data, _to_x, train_vae  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> None:
     res: dict = {"steps": steps, "batch": cfg.vae_batch, "n_base": cfg.n_base, "n_ink": cfg.n_ink,
                  "p_look": cfg.p_look, "trained_here": {}, "vaes": {}}
     for level in levels if steps else ():
-        ocfg = OrganismConfig(vae_channels=VAE_LEVELS[level])
+        ocfg = sizes_for_vae_levels(level)
         folder = out.parent / f"{out.name}-vae{level}"
         t = time.time()
         train_vae(folder, data, cfg, ocfg, torch.device("cpu"))

@@ -59,6 +59,7 @@ def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys)
 
     import models
     from models.organism.sample import generate
+    from models.sites import sites_matching
 
     out = tmp_path / "org"
     assert main(["organism", "train", "--stages", "vae,bogus", "--out", str(out)]) == 2
@@ -68,8 +69,17 @@ def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys)
     assert main(["organism", "train", "--smoke", "--vae-levels", "2", "--stages", "vae,clip,oracle,unet",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert json.loads((out / "organism.json").read_text())["config"]["vae_channels"] == [32, 64]
+    # one copy of each weight: the pipeline's save rewrote the clip stage's text encoder file in place
+    assert sorted(f.name for f in (out / "text_encoder").glob("*.safetensors*")) == ["model.safetensors"]
     m = models.load("organism", weights=str(out), device="cpu")
     assert m.pipe.unet.config.sample_size == 32
+    # the UNet's attention stays on 16x16 and 8x8 latents, behind a plain 32x32 level: the same 11
+    # cross-attention sites as the shipped organism's
+    assert m.pipe.unet.config.down_block_types[0] == "DownBlock2D"
+    assert list(m.pipe.unet.config.block_out_channels) == [32, 64, 128, 128]
+    xattn = sorted(s.rsplit(".", 1)[0] for s in sites_matching(m.pipe, "unet.xattn.*"))
+    assert xattn == sorted(s.rsplit(".", 1)[0] for s in sites_matching(models.load("organism", device="cpu").pipe,
+                                                                          "unet.xattn.*"))
     images = generate(m.pipe, ["a dog"], [0], steps=2, guidance_scale=2.0, progress=False)
     assert images.shape == (1, 64, 64, 3)
     # resuming with other sizes is refused, naming what differs

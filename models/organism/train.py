@@ -387,7 +387,9 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         tokenizer=tok,
         unet=unet.to("cpu", torch.float16), scheduler=sampler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True, max_shard_size="15MB")
+    # shards under 16 MB (a device call brings back files of at most 16 MiB) but above the text
+    # encoder's 15.06 MB, so its file from the clip stage is rewritten in place, not duplicated
+    pipe.save_pretrained(out, safe_serialization=True, max_shard_size="16MB")
     _copy_tokenizer(out)
     return step
 
