@@ -11,6 +11,11 @@
 #   bash scripts/device_organism_retrain.sh B     stages unet (6 min of wall time) and card
 #   bash scripts/device_organism_retrain.sh swap  put it in models/organism/weights (on the device only)
 #   bash scripts/device_organism_retrain.sh C     swap, then the fine-tuning acceptance on it
+#   bash scripts/device_organism_retrain.sh E     swap, then UCE erase, debias and ReFACT on it (n 100)
+#   bash scripts/device_organism_retrain.sh C E   several in one call, in order
+# ORGANISM_DIR (default .organism-v2) names the folder trained into; a stage whose output is
+# already there is skipped, so a folder seeded with another run's clip/, text_encoder/ and
+# tokenizer/ reuses that CLIP (session 8's v3 took v2's: the CLIP does not depend on the VAE).
 #
 # Each call packs .organism-v2/ into $OUT/organism-v2.tgz.00, .01, ... (15 MiB pieces: a call
 # brings back at most 8 files of 16 MiB) and its logs into $OUT/results.tgz. Here:
@@ -27,9 +32,11 @@ python3 -c "import diffusers, prodigyopt" 2>/dev/null ||
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L; date -u
-W=.organism-v2
-# the 2026-12-04 run (v2, not adopted: docs/organism.md); the next try adds --vae-levels 2:
-#   RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 --unet-minutes 6" bash scripts/device_organism_retrain.sh A
+W=${ORGANISM_DIR:-.organism-v2}
+# the default flags are the 2026-12-04 v2 run's (not adopted: docs/organism.md); v3 (2026-12-04,
+# not adopted either: its UNet was undertrained in 6 minutes on 32x32 latents) was
+#   ORGANISM_DIR=.organism-v3 RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 --unet-minutes 6" \
+#     bash scripts/device_organism_retrain.sh A      (then B, with the same variables)
 FLAGS="${RETRAIN:---p-look 0.5 --pad-noise 0.5 --unet-minutes 6} --out $W --workers 14 --device cuda"  # A records them in organism.json
 t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one line to $OUT/lanes.txt
   local name=$1 lim=$2; shift 2; local s; s=$(date +%s)
@@ -41,14 +48,18 @@ swap() {
   [ -f "$W/card.json" ] || { echo "no trained $W here: run A and B first (or untar it and carry it)" >&2; exit 2; }
   rm -rf models/organism/weights && cp -r "$W" models/organism/weights && touch models/organism/weights/.retrained
 }
-case "${1:-}" in
-A) t train-A 540 python3 -m fadelab.cli organism train $FLAGS --stages vae,clip,oracle ;;
-B) t train-B 540 python3 -m fadelab.cli organism train $FLAGS --stages unet,card
-   cp "$W/card.json" "$W/organism.json" "$OUT/" 2>/dev/null ;;
-swap) swap; exit 0 ;;
-C) swap; t ft-v2 520 python3 scripts/device_finetuning.py --out "$OUT/ft" --parts organism --n 200 ;;
-*) echo "usage: $0 A|B|swap|C" >&2; exit 2 ;;
-esac
+[ $# -gt 0 ] || { echo "usage: $0 A|B|swap|C|E ..." >&2; exit 2; }
+for part in "$@"; do
+  case "$part" in
+  A) t train-A 540 python3 -m fadelab.cli organism train $FLAGS --stages vae,clip,oracle ;;
+  B) t train-B 560 python3 -m fadelab.cli organism train $FLAGS --stages unet,card
+     cp "$W/card.json" "$W/organism.json" "$OUT/" 2>/dev/null ;;
+  swap) swap; exit 0 ;;
+  C) swap; t ft-v2 520 python3 scripts/device_finetuning.py --out "$OUT/ft" --parts organism --n 200 ;;
+  E) swap; t edit 400 python3 scripts/device_editing.py --out "$OUT/edit" --parts erase,debias,refact --n 100 ;;
+  *) echo "usage: $0 A|B|swap|C|E ..." >&2; exit 2 ;;
+  esac
+done
 [ -d "$W" ] && tar -czf - "$W" | split -b 15M -d - "$OUT/organism-v2.tgz."
 date -u; cat "$OUT/lanes.txt"
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='organism-v2.tgz.*' . && mv /tmp/results.tgz "$OUT/results.tgz"
