@@ -94,13 +94,19 @@ def cmd_organism_train(args) -> int:
             from models.errors import FadelabError
 
             raise FadelabError(f"{flag} {value}: give a share between 0 and 1")
+    if args.unet_init and not Path(args.unet_init).is_dir():
+        from models.errors import FadelabError
+
+        raise FadelabError(f"--unet-init {args.unet_init}: no such folder (give a trained organism folder or its unet/)")
     if args.smoke:  # every stage for a few steps: checks a machine, not a model
         cfg = TrainConfig(seed=args.seed, n_base=2000, n_ink=400, n_oracle=600, vae_steps=3,
                           vae_batch=8, clip_steps=3, clip_batch=64, oracle_steps=3, oracle_batch=64,
                           unet_steps=3, unet_batch=32, card_n=4, workers=2, p_look=args.p_look,
+                          unet_init=args.unet_init,
                           pad_noise=args.pad_noise)
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
+                          unet_init=args.unet_init,
                           workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise)
     from models.organism.nets import VAE_LEVELS, sizes_for_vae_levels
 
@@ -226,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=int, default=None,
                    help="fix the UNet's steps (default: train for --unet-minutes)")
     t.add_argument("--unet-minutes", type=float, default=7.0, help="UNet time budget (default 7)")
+    t.add_argument("--unet-init", default=None, metavar="FOLDER",
+                   help="start the unet stage from this trained UNet (a pipeline folder or its unet/) "
+                        "instead of random weights; the learning-rate schedule restarts, so a UNet trains "
+                        "on across device calls (scripts/device_organism_retrain.sh U)")
     t.add_argument("--workers", type=int, default=8, help="rendering processes")
     t.add_argument("--p-look", type=float, default=0.0,
                    help="share of dog/cat/cup/robot scenes drawn with a named colour and pattern "

@@ -9,6 +9,9 @@
 #
 #   bash scripts/device_organism_retrain.sh A     stages vae, clip, oracle (about 5.5 min on an H200)
 #   bash scripts/device_organism_retrain.sh B     stages unet (6 min of wall time) and card
+#   bash scripts/device_organism_retrain.sh U     the UNet trains on from its last weights (8 minutes
+#                                                 with --unet-minutes 8 in RETRAIN): repeat, then K
+#   bash scripts/device_organism_retrain.sh K     the card stage alone (after U)
 #   bash scripts/device_organism_retrain.sh swap  put it in models/organism/weights (on the device only)
 #   bash scripts/device_organism_retrain.sh C     swap, then the fine-tuning acceptance on it
 #   bash scripts/device_organism_retrain.sh E     swap, then UCE erase, debias and ReFACT on it (n 100)
@@ -37,6 +40,10 @@ W=${ORGANISM_DIR:-.organism-v2}
 # not adopted either: its UNet was undertrained in 6 minutes on 32x32 latents) was
 #   ORGANISM_DIR=.organism-v3 RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 --unet-minutes 6" \
 #     bash scripts/device_organism_retrain.sh A      (then B, with the same variables)
+# and the next step is its UNet trained on (.organism-v3 is kept in this checkout, unet included;
+# carry it and .whl, with the shipped weights moved out of the tree as said above):
+#   ORGANISM_DIR=.organism-v3 RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 --unet-minutes 8" \
+#     bash scripts/device_organism_retrain.sh U      (two or three calls, then K, then C and E)
 FLAGS="${RETRAIN:---p-look 0.5 --pad-noise 0.5 --unet-minutes 6} --out $W --workers 14 --device cuda"  # A records them in organism.json
 t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one line to $OUT/lanes.txt
   local name=$1 lim=$2; shift 2; local s; s=$(date +%s)
@@ -48,16 +55,26 @@ swap() {
   [ -f "$W/card.json" ] || { echo "no trained $W here: run A and B first (or untar it and carry it)" >&2; exit 2; }
   rm -rf models/organism/weights && cp -r "$W" models/organism/weights && touch models/organism/weights/.retrained
 }
-[ $# -gt 0 ] || { echo "usage: $0 A|B|swap|C|E ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 A|B|U|K|swap|C|E ..." >&2; exit 2; }
 for part in "$@"; do
   case "$part" in
   A) t train-A 540 python3 -m fadelab.cli organism train $FLAGS --stages vae,clip,oracle ;;
   B) t train-B 560 python3 -m fadelab.cli organism train $FLAGS --stages unet,card
      cp "$W/card.json" "$W/organism.json" "$OUT/" 2>/dev/null ;;
+  U) # the UNet trains on from its last weights (--unet-init; the learning rate restarts); its card
+     # is then stale, so K measures it again
+     if [ -f "$W/model_index.json" ]; then
+       rm -rf "$W/unet-prev"; mv "$W/unet" "$W/unet-prev"; rm -f "$W/model_index.json" "$W/card.json"
+     fi
+     [ -d "$W/unet-prev" ] || { echo "no trained UNet in $W to continue: run B first" >&2; exit 2; }
+     t train-U 560 python3 -m fadelab.cli organism train $FLAGS --unet-init "$W/unet-prev" --stages unet
+     [ -f "$W/model_index.json" ] && rm -rf "$W/unet-prev" ;;
+  K) t card 300 python3 -m fadelab.cli organism train $FLAGS --stages card
+     cp "$W/card.json" "$W/organism.json" "$OUT/" 2>/dev/null ;;
   swap) swap; exit 0 ;;
   C) swap; t ft-v2 520 python3 scripts/device_finetuning.py --out "$OUT/ft" --parts organism --n 200 ;;
   E) swap; t edit 400 python3 scripts/device_editing.py --out "$OUT/edit" --parts erase,debias,refact --n 100 ;;
-  *) echo "usage: $0 A|B|swap|C|E ..." >&2; exit 2 ;;
+  *) echo "usage: $0 A|B|U|K|swap|C|E ..." >&2; exit 2 ;;
   esac
 done
 [ -d "$W" ] && tar -czf - "$W" | split -b 15M -d - "$OUT/organism-v2.tgz."

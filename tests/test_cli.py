@@ -82,6 +82,38 @@ def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys)
                                                                           "unet.xattn.*"))
     images = generate(m.pipe, ["a dog"], [0], steps=2, guidance_scale=2.0, progress=False)
     assert images.shape == (1, 64, 64, 3)
+    # the UNet trains on from its last weights (--unet-init): a few warm-up steps barely move them
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.move(out / "unet", out / "unet-prev")
+    (out / "model_index.json").unlink()
+    assert main(["organism", "train", "--smoke", "--vae-levels", "2", "--stages", "unet", "--out", str(out),
+                 "--device", "cpu", "--unet-init", str(out / "unet-prev")]) == 0
+    meta = json.loads((out / "organism.json").read_text())
+    assert [r["steps"] for r in meta["unet_runs"]] == [3, 3] and meta["unet_steps_done"] == 6
+    assert meta["unet_runs"][1]["init"] == str(out / "unet-prev")
+    prev, new = (UNet2DConditionModel.from_pretrained(out / d).state_dict() for d in ("unet-prev", "unet"))
+    from models.organism.nets import WEIGHTS_DIR, build_unet, sizes_for_vae_levels
+
+    fresh = build_unet(sizes_for_vae_levels(2)).state_dict()
+
+    def dist(a):
+        return max((a[k].float() - prev[k].float()).abs().max().item() for k in prev)
+    assert 0 < dist(new) < dist(fresh) / 10
+    # a UNet of other sizes, or no UNet, is refused with the folder named
+    (out / "model_index.json").unlink()
+    shutil.rmtree(out / "unet")
+    assert main(["organism", "train", "--smoke", "--vae-levels", "2", "--stages", "unet", "--out", str(out),
+                 "--device", "cpu", "--unet-init", str(WEIGHTS_DIR)]) == 2
+    assert "its UNet has other sizes (block_out_channels" in capsys.readouterr().err
+    assert main(["organism", "train", "--smoke", "--vae-levels", "2", "--stages", "unet", "--out", str(out),
+                 "--device", "cpu", "--unet-init", str(out / "clip")]) == 2
+    assert f"--unet-init {out / 'clip'}: no UNet there" in capsys.readouterr().err
+    assert main(["organism", "train", "--smoke", "--stages", "unet", "--out", str(out),
+                 "--unet-init", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
     # resuming with other sizes is refused, naming what differs
     assert main(["organism", "train", "--smoke", "--stages", "unet", "--out", str(out), "--device", "cpu"]) == 2
     assert "vae_channels" in capsys.readouterr().err

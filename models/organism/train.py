@@ -64,6 +64,11 @@ class TrainConfig:
         unet_steps: UNet optimisation steps; None trains for `unet_minutes` of wall time instead
             (the steps done are recorded in organism.json, so a rerun can fix them).
         unet_minutes: the UNet's time budget when unet_steps is None.
+        unet_init: a trained UNet to start the UNet stage from (a pipeline folder or its unet/),
+            instead of random weights; the EMA starts from it too and the learning-rate schedule
+            (warm-up, cosine) restarts. A device call lasts at most 10 minutes, so a UNet that
+            needs longer trains as a chain of such warm restarts; organism.json lists each run
+            under "unet_runs".
         unet_batch, unet_lr: UNet training; lr follows a warm-up then cosine decay to 10%.
         ema_decay: EMA of the UNet weights.
         cond_dropout: share of captions replaced by "" (for classifier-free guidance).
@@ -97,6 +102,7 @@ class TrainConfig:
     oracle_lr: float = 2e-3
     unet_steps: int | None = None
     unet_minutes: float = 7.0
+    unet_init: str | None = None
     unet_batch: int = 1024
     unet_lr: float = 6e-4
     ema_decay: float = 0.9995
@@ -300,8 +306,25 @@ def noisy_pads(emb: torch.Tensor, cid: torch.Tensor, is_pad: torch.Tensor, empty
     return torch.where(swap, emb[src], cond)
 
 
+def _unet_init_source(folder: Path, ocfg: OrganismConfig) -> Path:
+    """The UNet folder that --unet-init names (a pipeline folder or its unet/), checked against the
+    sizes this run builds; FadelabError naming the folder otherwise. Runs before any stage."""
+    src = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
+    conf = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
+    if conf.get("_class_name") != "UNet2DConditionModel":
+        raise FadelabError(f"--unet-init {folder}: no UNet there (expected a UNet2DConditionModel config.json "
+                           f"in it or in its unet/)")
+    want = build_unet(ocfg).config
+    keys = ("block_out_channels", "down_block_types", "sample_size", "cross_attention_dim")
+    differ = [k for k in keys if json.loads(json.dumps(conf.get(k))) != json.loads(json.dumps(want[k]))]
+    if differ:
+        raise FadelabError(f"--unet-init {folder}: its UNet has other sizes ({', '.join(differ)}: "
+                           f"{[conf.get(k) for k in differ]}, this run builds {[want[k] for k in differ]})")
+    return src
+
+
 def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> int:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(cfg.seed)
@@ -326,7 +349,13 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
     del vae
     noise_sched, sampler = build_scheduler()
     alphas = noise_sched.alphas_cumprod.to(device)
-    unet = build_unet(ocfg).to(device).train()
+    if cfg.unet_init:  # checked by train() before any stage ran
+        unet = UNet2DConditionModel.from_pretrained(_unet_init_source(Path(cfg.unet_init), ocfg),
+                                                    torch_dtype=torch.float32)
+        log.info("unet: starting from %s", cfg.unet_init)
+    else:
+        unet = build_unet(ocfg)
+    unet = unet.to(device).train()
     unet.to(memory_format=torch.channels_last)
     ema = [p.detach().clone().float() for p in unet.parameters()]
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
@@ -418,6 +447,8 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), stages=STAGES,
         raise FadelabError(f"{out} was trained with other network sizes ({', '.join(changed)}: "
                            f"{[meta['config'].get(k) for k in changed]}); resume with the same sizes or "
                            f"use another --out")
+    if cfg.unet_init and "unet" in stages and not done["unet"].exists():
+        _unet_init_source(Path(cfg.unet_init), ocfg)
     timings = meta.setdefault("seconds", {})
     for stage in stages:
         if done[stage].exists():
@@ -431,7 +462,12 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), stages=STAGES,
         elif stage == "oracle":
             train_oracle(out, data, cfg, ocfg, dev)
         elif stage == "unet":
-            meta["unet_steps_done"] = train_unet(out, data, cfg, ocfg, dev)
+            steps = train_unet(out, data, cfg, ocfg, dev)
+            if cfg.unet_init is None:
+                meta["unet_runs"] = []
+            meta.setdefault("unet_runs", []).append({"init": cfg.unet_init, "steps": steps,
+                                                     "minutes": cfg.unet_minutes if cfg.unet_steps is None else None})
+            meta["unet_steps_done"] = sum(r["steps"] for r in meta["unet_runs"])
         elif stage == "card":
             from .card import measure, select_guidance
 
