@@ -56,8 +56,12 @@ def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys)
     # every training stage on the CPU for a few steps (the card has its own tests), with the VAE
     # that --vae-levels 2 builds: 32x32 latents, the pipeline loads and draws 64 px images
     import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
 
     import models
+    from models.organism.nets import WEIGHTS_DIR, build_unet, sizes_for_vae_levels
     from models.organism.sample import generate
     from models.sites import sites_matching
 
@@ -83,10 +87,6 @@ def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys)
     images = generate(m.pipe, ["a dog"], [0], steps=2, guidance_scale=2.0, progress=False)
     assert images.shape == (1, 64, 64, 3)
     # the UNet trains on from its last weights (--unet-init): a few warm-up steps barely move them
-    import shutil
-
-    from diffusers import UNet2DConditionModel
-
     shutil.move(out / "unet", out / "unet-prev")
     (out / "model_index.json").unlink()
     assert main(["organism", "train", "--smoke", "--vae-levels", "2", "--stages", "unet", "--out", str(out),
@@ -95,8 +95,6 @@ def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys)
     assert [r["steps"] for r in meta["unet_runs"]] == [3, 3] and meta["unet_steps_done"] == 6
     assert meta["unet_runs"][1]["init"] == str(out / "unet-prev")
     prev, new = (UNet2DConditionModel.from_pretrained(out / d).state_dict() for d in ("unet-prev", "unet"))
-    from models.organism.nets import WEIGHTS_DIR, build_unet, sizes_for_vae_levels
-
     fresh = build_unet(sizes_for_vae_levels(2)).state_dict()
 
     def dist(a):
