@@ -94,6 +94,11 @@ def cmd_organism_train(args) -> int:
             from models.errors import FadelabError
 
             raise FadelabError(f"{flag} {value}: give a share between 0 and 1")
+    if args.unet_batch < 1 or not args.unet_lr > 0:
+        from models.errors import FadelabError
+
+        bad = f"--unet-batch {args.unet_batch}" if args.unet_batch < 1 else f"--unet-lr {args.unet_lr}"
+        raise FadelabError(f"{bad}: give a positive number")
     if args.unet_init and not Path(args.unet_init).is_dir():
         from models.errors import FadelabError
 
@@ -106,7 +111,8 @@ def cmd_organism_train(args) -> int:
                           pad_noise=args.pad_noise)
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
-                          unet_init=args.unet_init,
+                          unet_init=args.unet_init, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
+                          unet_compile=args.unet_compile,
                           workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise)
     from models.organism.nets import VAE_LEVELS, sizes_for_vae_levels
 
@@ -236,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the unet stage from this trained UNet (a pipeline folder or its unet/) "
                         "instead of random weights; the learning-rate schedule restarts, so a UNet trains "
                         "on across device calls (scripts/device_organism_retrain.sh U)")
+    t.add_argument("--unet-batch", type=int, default=1024, help="UNet batch (default 1024)")
+    t.add_argument("--unet-lr", type=float, default=6e-4,
+                   help="UNet peak learning rate (default 6e-4; warm-up, then cosine to 10%%)")
+    t.add_argument("--unet-compile", action="store_true",
+                   help="train the UNet through torch.compile (scripts/device_unet_speed_probe.py measures it)")
     t.add_argument("--workers", type=int, default=8, help="rendering processes")
     t.add_argument("--p-look", type=float, default=0.0,
                    help="share of dog/cat/cup/robot scenes drawn with a named colour and pattern "

@@ -7,6 +7,9 @@
 # n = 200. Calls of under 10 minutes on one GPU, chained while the machine is warm (its ignored
 # .organism-v2/ survives between calls; the idle release is 30 s). Carry .whl.
 #
+#   bash scripts/device_organism_retrain.sh P     the UNet step-speed probe alone (scripts/device_unet_speed_probe.py,
+#                                                 --vae-levels from RETRAIN; 2.5 min at most): which --unet-batch and
+#                                                 --unet-compile to train with
 #   bash scripts/device_organism_retrain.sh A     stages vae, clip, oracle (about 5.5 min on an H200)
 #   bash scripts/device_organism_retrain.sh B     stages unet (6 min of wall time) and card
 #   bash scripts/device_organism_retrain.sh U     the UNet trains on from its last weights (8 minutes
@@ -40,10 +43,15 @@ W=${ORGANISM_DIR:-.organism-v2}
 # not adopted either: its UNet was undertrained in 6 minutes on 32x32 latents) was
 #   ORGANISM_DIR=.organism-v3 RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 --unet-minutes 6" \
 #     bash scripts/device_organism_retrain.sh A      (then B, with the same variables)
-# and the next step is its UNet trained on (.organism-v3 is kept in this checkout, unet included;
-# carry it and .whl, with the shipped weights moved out of the tree as said above):
-#   ORGANISM_DIR=.organism-v3 RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 --unet-minutes 8" \
-#     bash scripts/device_organism_retrain.sh U      (two or three calls, then K, then C and E)
+# A session's checkout does not keep ignored folders, so .organism-v3 was lost with session 8's.
+# Session 9 (2026-12-05) retrained it: P then A in one call (the probe, then vae 143 s, clip 96 s,
+# oracle 119 s: A took 366 s), after which no machine was lent again. From scratch, v3 must fit one
+# session's 30 minutes, so (the probe: batch does not buy speed, docs/organism.md):
+#   call 1: ORGANISM_DIR=.organism-v3 B_MINUTES=2.3 RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 \
+#             --unet-minutes 8.5" bash scripts/device_organism_retrain.sh A B     (about 560 s)
+#   call 2: the same variables, part U (about 570 s); reply at once, so the machine stays warm
+#   call 3: the same variables, parts K C E, with C and E cut to what is left (the card alone is 54 s)
+# B_MINUTES, when set, is B's UNet budget (RETRAIN's --unet-minutes stays U's), and B then skips the card.
 FLAGS="${RETRAIN:---p-look 0.5 --pad-noise 0.5 --unet-minutes 6} --out $W --workers 14 --device cuda"  # A records them in organism.json
 t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one line to $OUT/lanes.txt
   local name=$1 lim=$2; shift 2; local s; s=$(date +%s)
@@ -55,11 +63,16 @@ swap() {
   [ -f "$W/card.json" ] || { echo "no trained $W here: run A and B first (or untar it and carry it)" >&2; exit 2; }
   rm -rf models/organism/weights && cp -r "$W" models/organism/weights && touch models/organism/weights/.retrained
 }
-[ $# -gt 0 ] || { echo "usage: $0 A|B|U|K|swap|C|E ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 P|A|B|U|K|swap|C|E ..." >&2; exit 2; }
 for part in "$@"; do
   case "$part" in
+  P) lv=$(echo "$FLAGS" | sed -n 's/.*--vae-levels \([0-9]\).*/\1/p')
+     t speed 160 python3 scripts/device_unet_speed_probe.py --out "$OUT/unet-speed.json" --vae-levels "${lv:-3}" --budget-s 110 ;;
   A) t train-A 540 python3 -m fadelab.cli organism train $FLAGS --stages vae,clip,oracle ;;
-  B) t train-B 560 python3 -m fadelab.cli organism train $FLAGS --stages unet,card
+  B) # with B_MINUTES a U call follows, so the card waits for K
+     bst=unet,card; [ -n "${B_MINUTES:-}" ] && bst=unet
+     t train-B 560 python3 -m fadelab.cli organism train $FLAGS ${B_MINUTES:+--unet-minutes $B_MINUTES} \
+       --stages $bst
      cp "$W/card.json" "$W/organism.json" "$OUT/" 2>/dev/null ;;
   U) # the UNet trains on from its last weights (--unet-init; the learning rate restarts); its card
      # is then stale, so K measures it again
@@ -74,7 +87,7 @@ for part in "$@"; do
   swap) swap; exit 0 ;;
   C) swap; t ft-v2 520 python3 scripts/device_finetuning.py --out "$OUT/ft" --parts organism --n 200 ;;
   E) swap; t edit 400 python3 scripts/device_editing.py --out "$OUT/edit" --parts erase,debias,refact --n 100 ;;
-  *) echo "usage: $0 A|B|U|K|swap|C|E ..." >&2; exit 2 ;;
+  *) echo "usage: $0 P|A|B|U|K|swap|C|E ..." >&2; exit 2 ;;
   esac
 done
 [ -d "$W" ] && tar -czf - "$W" | split -b 15M -d - "$OUT/organism-v2.tgz."

@@ -112,6 +112,9 @@ def test_organism_trainer_runs_its_stages_with_a_two_level_vae(tmp_path, capsys)
     assert main(["organism", "train", "--smoke", "--stages", "unet", "--out", str(out),
                  "--unet-init", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    for given, named in ((["--unet-batch", "0"], "--unet-batch 0"), (["--unet-lr=-0.001"], "--unet-lr -0.001")):
+        assert main(["organism", "train", "--stages", "unet", "--out", str(out), *given]) == 2
+        assert f"{named}: give a positive number" in capsys.readouterr().err
     # resuming with other sizes is refused, naming what differs
     assert main(["organism", "train", "--smoke", "--stages", "unet", "--out", str(out), "--device", "cpu"]) == 2
     assert "vae_channels" in capsys.readouterr().err

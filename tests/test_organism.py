@@ -2,6 +2,7 @@
 sample, with stated tolerances) the acceptance card of issue 2."""
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import torch
 
 from models.organism import card as card_mod
 from models.organism import data, prompts as P, render, world
-from models.organism.nets import WEIGHTS_DIR, load_clip, tokenizer
+from models.organism.nets import WEIGHTS_DIR, build_scheduler, build_unet, load_clip, sizes_for_vae_levels, tokenizer
 from models.organism.oracle import Oracle
 from models.organism.sample import generate
+from models.organism.train import unet_step
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -253,3 +255,34 @@ def test_where_the_unet_reads_a_prompt(pipe, oracle):
         assert r["pads"] >= 0.6, r
     else:
         assert r["tokens"] > r["pads"], r
+
+
+def test_unet_step_and_its_speed_probe_on_the_cpu(tmp_path):
+    """The trainer's step (train.unet_step), which the device speed probe times: the loss is finite,
+    the EMA moves by 1 - ema_d of the way to the stepped weights, and the probe writes a row per
+    setting it runs."""
+    ocfg = sizes_for_vae_levels(2)
+    torch.manual_seed(0)
+    unet = build_unet(ocfg).train()
+    ema = [p.detach().clone().float() for p in unet.parameters()]
+    before = [e.clone() for e in ema]
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(2, 4, ocfg.latent_size, ocfg.latent_size)
+    cond = torch.randn(2, 77, ocfg.text_width)
+    loss = unet_step(unet, opt, ema, z0, cond, build_scheduler()[0].alphas_cumprod, g, lr=1e-3, ema_d=0.75)
+    assert torch.isfinite(loss)
+    moved = [p.detach().float() for p in unet.parameters()]
+    i = max(range(len(moved)), key=lambda k: (moved[k] - before[k]).abs().max().item())
+    assert (moved[i] - before[i]).abs().max() > 0
+    torch.testing.assert_close(ema[i], before[i] + 0.25 * (moved[i] - before[i]))
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "device_unet_speed_probe.py"
+    spec = importlib.util.spec_from_file_location("speed_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--out", str(tmp_path / "p.json"), "--device", "cpu", "--quick"]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [(r["batch"], r["sync_every_step"]) for r in rows] == [(8, True), (8, False)]
+    assert all(r["steps_per_s"] > 0 for r in rows)

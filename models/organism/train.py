@@ -85,6 +85,8 @@ class TrainConfig:
             frozen CLIP (Toker et al., NAACL 2025); the shipped organism's reads its prompts from
             them (card.pad_reliance: the pads decide 0.81 of images), so an edit at a subject's
             token (ReFACT) cannot reach its images. 0 (shipped) leaves the UNet's data as it was.
+        unet_compile: run the UNet's training forward through torch.compile (the saved weights
+            are the same module's).
     """
 
     seed: int = 0
@@ -111,6 +113,7 @@ class TrainConfig:
     workers: int = 8
     p_look: float = 0.0
     pad_noise: float = 0.0
+    unet_compile: bool = False
 
 
 STAGES = ("vae", "clip", "oracle", "unet", "card")
@@ -306,6 +309,35 @@ def noisy_pads(emb: torch.Tensor, cid: torch.Tensor, is_pad: torch.Tensor, empty
     return torch.where(swap, emb[src], cond)
 
 
+def unet_step(unet, opt, ema: list, z0: torch.Tensor, cond: torch.Tensor, alphas: torch.Tensor,
+              g: torch.Generator, lr: float, ema_d: float) -> torch.Tensor:
+    """One UNet training step on clean latents z0 (B, 4, h, w) and conditioning rows cond: noise and
+    timesteps drawn from g, epsilon objective with min-SNR-5 weights, bf16 autocast on CUDA,
+    gradients clipped at 1.0, AdamW at lr, then the fp32 EMA copies `ema` lerped by 1 - ema_d.
+    Returns the loss as a tensor (no device sync). train_unet and the step-speed probe
+    (scripts/device_unet_speed_probe.py) both run it."""
+    device = z0.device
+    noise = torch.randn(z0.shape, generator=g, device=device)
+    t = torch.randint(0, 1000, (len(z0),), generator=g, device=device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    snr = alphas[t] / (1 - alphas[t])
+    w = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr  # min-SNR-5 for epsilon targets
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        pred = unet(zt.contiguous(memory_format=torch.channels_last), t, cond.float()).sample
+    loss = (w * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in opt.param_groups[0]["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - ema_d)
+    return loss.detach()
+
+
 def _unet_init_source(folder: Path, ocfg: OrganismConfig) -> Path:
     """The UNet folder that --unet-init names (a pipeline folder or its unet/), checked against the
     sizes this run builds; FadelabError naming the folder otherwise. Runs before any stage."""
@@ -359,6 +391,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
     unet.to(memory_format=torch.channels_last)
     ema = [p.detach().clone().float() for p in unet.parameters()]
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    step_unet = torch.compile(unet) if cfg.unet_compile else unet  # shares unet's parameters
     g = torch.Generator(device).manual_seed(cfg.seed + 3)
     budget = cfg.unet_minutes * 60
     total = cfg.unet_steps or 10_000  # refined from the measured speed when time-budgeted
@@ -379,26 +412,10 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         drop = torch.rand(cfg.unet_batch, generator=g, device=device) < cfg.cond_dropout
         cid = torch.where(drop, torch.full_like(cid, empty), cid)
         cond = noisy_pads(emb, cid, is_pad, empty, cfg.pad_noise, g)
-        noise = torch.randn(z0.shape, generator=g, device=device)
-        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g, device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        snr = alphas[t] / (1 - alphas[t])
-        w = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr  # min-SNR-5 for epsilon targets
-        for grp in opt.param_groups:
-            grp["lr"] = _lr(step, total, cfg.unet_lr, warmup=300)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = unet(zt.contiguous(memory_format=torch.channels_last), t, cond.float()).sample
-        loss = (w * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
-        if not torch.isfinite(loss):
+        loss = unet_step(step_unet, opt, ema, z0, cond, alphas, g,
+                         lr=_lr(step, total, cfg.unet_lr, warmup=300), ema_d=min(cfg.ema_decay, (1 + step) / (10 + step)))
+        if step % 50 == 0 and not torch.isfinite(loss):  # a sync: not every step, so the GPU runs ahead
             raise FloatingPointError(f"unet loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        d = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach().float() for p in unet.parameters()], 1 - d)
         step += 1
         bar.update(1)
         if step % 500 == 0:
