@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU work still owed after session 8 (2026-12-04), as calls of under 10 minutes. Calls 1-3
+# The GPU work still owed after session 8 (2026-12-04; session 9 ran none: its one call went to the
+# organism), as calls of under 10 minutes. Calls 1-3
 # need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
 # sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).

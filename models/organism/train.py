@@ -330,7 +330,7 @@ def unet_step(unet, opt, ema: list, z0: torch.Tensor, cond: torch.Tensor, alphas
     loss = (w * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    params = [p for p in opt.param_groups[0]["params"]]
+    params = opt.param_groups[0]["params"]  # unet's, in order: the order of `ema`
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     with torch.no_grad():
@@ -421,6 +421,8 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         if step % 500 == 0:
             log.info("unet step %d loss %.4f (%.1f steps/s)", step, loss.item(), step / (time.time() - t0))
     bar.close()
+    if step and not torch.isfinite(loss):  # the last steps since a check: never save a broken UNet
+        raise FloatingPointError(f"unet loss became {loss.item()} by step {step}")
     with torch.no_grad():
         for p, e in zip(unet.parameters(), ema):
             p.copy_(e)
