@@ -45,7 +45,8 @@ W=${ORGANISM_DIR:-.organism-v2}
 #     bash scripts/device_organism_retrain.sh A      (then B, with the same variables)
 # A session's checkout does not keep ignored folders, so .organism-v3 was lost with session 8's.
 # Session 9 (2026-12-05) retrained it: P then A in one call (the probe, then vae 143 s, clip 96 s,
-# oracle 119 s: A took 366 s), after which no machine was lent again. From scratch, v3 must fit one
+# oracle 119 s: A took 366 s), then B on that folder carried (6.5 min, 2,345 steps: fidelity 0.66, as
+# session 8's). The machine went back between calls, as before. From scratch, v3 must fit one
 # session's 30 minutes, so (the probe: batch does not buy speed, docs/organism.md):
 #   call 1: ORGANISM_DIR=.organism-v3 B_MINUTES=2.3 RETRAIN="--p-look 0.5 --pad-noise 0.5 --vae-levels 2 \
 #             --unet-minutes 8.5" bash scripts/device_organism_retrain.sh A B     (about 560 s)
