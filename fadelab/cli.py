@@ -94,11 +94,11 @@ def cmd_organism_train(args) -> int:
             from models.errors import FadelabError
 
             raise FadelabError(f"{flag} {value}: give a share between 0 and 1")
-    if args.unet_batch < 1 or not args.unet_lr > 0:
-        from models.errors import FadelabError
+    for flag, value in (("--unet-batch", args.unet_batch), ("--unet-lr", args.unet_lr)):
+        if not value > 0:
+            from models.errors import FadelabError
 
-        bad = f"--unet-batch {args.unet_batch}" if args.unet_batch < 1 else f"--unet-lr {args.unet_lr}"
-        raise FadelabError(f"{bad}: give a positive number")
+            raise FadelabError(f"{flag} {value}: give a positive number")
     if args.unet_init and not Path(args.unet_init).is_dir():
         from models.errors import FadelabError
 

@@ -2,9 +2,11 @@
 
 The v3 UNet (--vae-levels 2: 32x32 latents) trained at 5.9 steps/s at batch 1,024 on an H200
 (docs/organism.md), and the organism's fine-tuning steps were seen to take about the same time at
-batch 32 as at 1,024: launch-bound. This times models.organism.train.unet_step, the trainer's own
-step, on random latents and conditioning of the real shapes, so the retrain can pick its batch and
-options from numbers rather than guesses.
+batch 32 as at 1,024, which suggested a launch-bound step. This times
+models.organism.train.unet_step, the trainer's own step, under the trainer's CUDA settings, on
+random latents and conditioning of the real shapes, so the retrain can pick its batch and options
+from numbers rather than guesses. On 2026-12-05 (H200) it was not launch-bound: 6,048 samples/s
+at batch 1,024, 7,283 at 4,096 (docs/measured/2026-12-05-h200-unet-speed.json).
 
     python3 scripts/device_unet_speed_probe.py --out $OUT/unet-speed.json [--vae-levels 2]
     python3 scripts/device_unet_speed_probe.py --out /tmp/p.json --device cpu --quick
@@ -77,12 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=150.0, help="skip the settings left after this many seconds")
     args = p.parse_args(argv)
     from models.organism.nets import sizes_for_vae_levels
+    from models.organism.train import cuda_settings
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    cuda_settings(device)  # the trainer's; the 2026-12-05 rows also had cudnn.benchmark on, which it has not
     ocfg = sizes_for_vae_levels(args.vae_levels)
     settings = [(8, True, False), (8, False, False)] if args.quick else SETTINGS
     warmup, steps = (2, 2) if args.quick else (10, 40)

@@ -309,6 +309,14 @@ def noisy_pads(emb: torch.Tensor, cid: torch.Tensor, is_pad: torch.Tensor, empty
     return torch.where(swap, emb[src], cond)
 
 
+def cuda_settings(device: torch.device) -> None:
+    """On CUDA, TF32 for matmuls and convolutions: what every training stage runs with (train sets
+    it; the step-speed probe too, so it times the same step)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def unet_step(unet, opt, ema: list, z0: torch.Tensor, cond: torch.Tensor, alphas: torch.Tensor,
               g: torch.Generator, lr: float, ema_d: float) -> torch.Tensor:
     """One UNet training step on clean latents z0 (B, 4, h, w) and conditioning rows cond: noise and
@@ -451,9 +459,7 @@ def train(out: Path | str, cfg: TrainConfig = TrainConfig(), stages=STAGES,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    cuda_settings(dev)
     data = _Data(cfg)
     done = {"vae": out / "vae", "clip": out / "clip", "oracle": out / "oracle",
             "unet": out / "model_index.json", "card": out / "card.json"}
