@@ -59,6 +59,10 @@ PAPER_TEMPLATES = ("an image of {x}", "a photo of {x}", "a portrait of {x}", "a 
 ORGANISM_TEMPLATES = ("{x}", "an image of {x}", "a picture of {x}")
 
 
+#: Images per pipeline call on real families (a round asks for n_images per profession at once).
+REAL_BATCH = 8
+
+
 def _a(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
@@ -75,21 +79,27 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], steps: int | N
              guidance_scale: float | None = None, progress: bool = False) -> np.ndarray:
     """One uint8 image per (prompt, seed), the noise of image i drawn from a CPU generator seeded
     with seeds[i]. StableDiffusion pipelines (the organism) use models.organism.sample.generate;
-    others call the pipeline with a list of generators."""
+    others call the pipeline with a list of generators. Real families go REAL_BATCH images a
+    call, the organism its sampler's default (256 on a GPU)."""
+    batch = None if getattr(model, "family", None) == "organism" else REAL_BATCH
     if T.pipeline_kind(model) == "sd":
         from models.organism.sample import generate as sd_generate
 
         return sd_generate(model.pipe, list(prompts), list(seeds), steps=steps,
-                           guidance_scale=guidance_scale, progress=progress, desc="debias")
+                           guidance_scale=guidance_scale, batch_size=batch, progress=progress, desc="debias")
     kwargs = {}
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        images = model.pipe(prompt=list(prompts), generator=gens, output_type="np", **kwargs).images
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch]]
+        with torch.no_grad():
+            images = model.pipe(prompt=list(prompts[i:i + batch]), generator=gens, output_type="np",
+                                **kwargs).images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
 
 
 def uce_debias(model, professions: Sequence[str], judge: Callable[[np.ndarray], np.ndarray],
@@ -155,16 +165,20 @@ def uce_debias(model, professions: Sequence[str], judge: Callable[[np.ndarray], 
     bar = tqdm(total=h.max_rounds, desc="UCE debias", disable=not progress, unit="round")
     for r in range(h.max_rounds):
         delta, _ = build(alpha)
-        shares = {}
+        prompts, seeds, who = [], [], []
+        for k, p in enumerate(professions):
+            if frozen[k]:
+                continue
+            templ = profession_prompts(model, p, h.templates)
+            prompts += [templ[i % len(templ)] for i in range(h.n_images)]
+            seeds += [h.seed * 1_000_000 + r * 10_000 + k * 1_000 + i for i in range(h.n_images)]
+            who += [k] * h.n_images
+        # every unfrozen profession in one generation call: on a GPU a call of a few hundred
+        # organism images costs about what one of 50 does, and the seeds fix each image alone
         with apply_delta(model, delta) if r else contextlib.nullcontext():
-            for k, p in enumerate(professions):
-                if frozen[k]:
-                    continue
-                templ = profession_prompts(model, p, h.templates)
-                prompts = [templ[i % len(templ)] for i in range(h.n_images)]
-                seeds = [h.seed * 1_000_000 + r * 10_000 + k * 1_000 + i for i in range(h.n_images)]
-                images = generate(model, prompts, seeds, h.steps, h.guidance_scale)
-                shares[p] = female_share(judge(images))
+            flags = np.asarray(judge(generate(model, prompts, seeds, h.steps, h.guidance_scale)), float)
+        who = np.asarray(who)
+        shares = {p: female_share(flags[who == k]) for k, p in enumerate(professions) if not frozen[k]}
         for k, p in enumerate(professions):
             if p not in shares:
                 continue

@@ -61,8 +61,8 @@ def cmd_run(args) -> int:
         runner.run_local_jobs(args.config, out, args.jobs, device, smoke=smoke)
     else:
         summary = runner.run_cells(args.config, out, shard=args.shard, device=device,
-                                   progress=not args.quiet, smoke=smoke)
-        if args.shard is not None or args.no_report:
+                                   progress=not args.quiet, smoke=smoke, queue=args.queue)
+        if args.shard is not None or args.queue is not None or args.no_report:
             print(json.dumps(summary))
             return 0
     if args.no_report:
@@ -198,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     r.add_argument("--shard", default=None, help="run only slice i/n of the cells (e.g. 0/4)")
     r.add_argument("--jobs", type=int, default=1,
-                   help="processes side by side (local: one shard each, one GPU each; slurm: array size)")
+                   help="processes side by side (local: sharing one queue of cells, round robin over the GPUs; slurm: array size)")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local",
                    help="local processes (default) or a Slurm job array through submitit")
+    r.add_argument("--queue", default=None, help=argparse.SUPPRESS)  # run_local_jobs' shared queue folder
     r.add_argument("--cluster", default=None, help=argparse.SUPPRESS)  # submitit executor (tests: local)
     r.add_argument("--partition", default=None, help="Slurm partition for --launcher slurm")
     r.add_argument("--no-report", action="store_true", help="run cells only; no merge, no report")

@@ -2,7 +2,7 @@
 
 What it offers:
     run_cells(config, out, shard, device)      this process's slice of the grid (fadelab run)
-    run_local_jobs(config, out, jobs, device)  `jobs` processes side by side, one shard each
+    run_local_jobs(config, out, jobs, device)  `jobs` processes side by side, sharing one queue of cells
     run_slurm(config, out, tasks, device)      a Slurm job array through submitit
     generate_images(prompts, seeds, ...)       PNGs and a grid for any family (fadelab generate)
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -74,12 +75,14 @@ def _code_version() -> str:
 
 
 def run_cells(config: str | None, out: Path, *, shard: str | None = None, device: str = "cpu",
-              progress: bool = True, smoke: bool | None = None) -> dict:
+              progress: bool = True, smoke: bool | None = None, queue: str | None = None) -> dict:
     """Run this process's slice of the grid, cell by cell; finished cells are skipped.
 
     Each cell writes its own store, out/cells/<cell id>.h5, and marks it done last, so a cell
     that was killed is redone from its store's completed entries on the next run, and a cell
-    that finished is never recomputed. Returns {"ran": [...], "skipped": [...], "seconds": ...}.
+    that finished is never recomputed. The slice is `shard` ("i/n": every n-th cell), or, with
+    `queue` (a folder that processes of one `run_local_jobs` call share), whichever cells this
+    process claims first (`queued_cells`). Returns {"ran": [...], "skipped": [...], "seconds": ...}.
     """
     from fadelab import cells as cell_runner
     from fadelab.grid import cell_done, cell_path, cells, load_experiment, parse_shard
@@ -87,24 +90,89 @@ def run_cells(config: str | None, out: Path, *, shard: str | None = None, device
 
     exp = load_experiment(config, smoke=smoke)
     i, n = parse_shard(shard)
-    mine = take(cells(exp), i, n)
     ran, skipped = [], []
+    if queue is not None:
+        skipped = [c.id for c in cells(exp) if cell_done(cell_path(out, c), c)]
+        mine = queued_cells(cells(exp), out, Path(queue))
+        label = "queue"
+    else:
+        mine = take(cells(exp), i, n)
+        label = f"{i}/{n}"
     t0 = time.time()
     ctx = cell_runner.Context(exp, out, device=device, code_version=_code_version(), progress=progress)
     from tqdm.auto import tqdm
 
-    bar = tqdm(mine, desc=f"cells {i}/{n}" if n > 1 else "cells", unit="cell", disable=not progress)
+    bar = tqdm(mine, desc=f"cells {label}" if label != "0/1" else "cells", unit="cell", disable=not progress)
     for cell in bar:
         path = cell_path(out, cell)
         if cell_done(path, cell):
-            skipped.append(cell.id)
+            if cell.id not in skipped:
+                skipped.append(cell.id)
             continue
         bar.set_postfix_str(cell.id)
         log.info("cell %s (%s)", cell.id, cell.variant)
         cell_runner.run_cell(ctx, cell)
         ran.append(cell.id)
     bar.close()
-    return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1), "shard": f"{i}/{n}"}
+    return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1), "shard": label}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(folder: Path, cell) -> bool:
+    """Take `cell` for this process: create folder/<cell id> holding our pid; False when another
+    process created it first (O_EXCL makes the creation atomic)."""
+    try:
+        fd = os.open(folder / cell.id, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def _claimer_alive(folder: Path, cell) -> bool:
+    try:
+        return _alive(int((folder / cell.id).read_text() or 0))
+    except (OSError, ValueError):
+        return False
+
+
+def queued_cells(all_cells: list, out: Path, folder: Path, poll_s: float = 2.0):
+    """The cells this process claims, one at a time, from a queue `folder` that several local
+    processes share: each takes the first cell in grid order that is neither done nor claimed,
+    so long cells (the debias ones) do not pile up in one shard as with `shard`. An edit x
+    fine-tune cell whose edit cell another live process is still running is passed over while
+    other cells remain, then waited for (polling every poll_s seconds) rather than recomputed;
+    if that process has died, it is run anyway and recomputes the edit (fadelab.cells.edit_of)."""
+    from fadelab.grid import cell_done, cell_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = {c.edit: c for c in all_cells if c.kind == "edit"}
+
+    def blocked(cell) -> bool:
+        dep = owner.get(cell.edit) if "edit" in cell.needs else None
+        return (dep is not None and (folder / dep.id).exists()
+                and not cell_done(cell_path(out, dep), dep) and _claimer_alive(folder, dep))
+
+    while True:
+        left = [c for c in all_cells if not (folder / c.id).exists() and not cell_done(cell_path(out, c), c)]
+        if not left:
+            return
+        ready = [c for c in left if not blocked(c)]
+        if not ready:
+            time.sleep(poll_s)
+            continue
+        if _claim(folder, ready[0]):
+            yield ready[0]
 
 
 def _cuda_count() -> int:
@@ -124,10 +192,10 @@ def child_gpu(i: int, gpus: int, visible: str | None) -> str:
 
 def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
                    smoke: bool | None = None) -> list[dict]:
-    """`jobs` processes side by side, process i running shard i/jobs (one GPU each, round robin
-    over the visible GPUs, when the device is CUDA). A failed process fails the call with its
-    shard named; the cells it finished stay done."""
-    import os
+    """`jobs` processes side by side (one GPU each, round robin over the visible GPUs, when the
+    device is CUDA; several may share one), each taking the next unclaimed cell from a queue
+    folder under out/cells (`queued_cells`) until none is left. A failed process fails the call
+    with its number named; the cells it finished stay done."""
     import subprocess
     import sys
 
@@ -136,24 +204,32 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
     if jobs < 1:
         raise FadelabError(f"--jobs {jobs}: give a positive number of processes")
     gpus = _cuda_count() if device.startswith("cuda") else 0
+    queue = Path(out) / "cells" / f".queue-{os.getpid()}-{time.time_ns()}"
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
     procs = []
     for i in range(jobs):
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = child_gpu(i, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        env.setdefault("OMP_NUM_THREADS", threads)  # N processes, not N x all cores of threads
         cmd = [sys.executable, "-m", "fadelab.cli", "run", *([config] if config else []),
-               "--out", str(out), "--shard", f"{i}/{jobs}", "--device", device, "--no-report",
+               "--out", str(out), "--queue", str(queue), "--device", device, "--no-report",
                "--quiet", *(["--smoke"] if smoke else [])]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     results, failed = [], []
-    for i, p in enumerate(procs):
-        stdout, _ = p.communicate()
-        if p.returncode != 0:
-            failed.append(f"{i}/{jobs} (exit {p.returncode})")
-            continue
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    try:
+        for i, p in enumerate(procs):
+            stdout, _ = p.communicate()
+            if p.returncode != 0:
+                failed.append(f"{i}/{jobs} (exit {p.returncode})")
+                continue
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        import shutil
+
+        shutil.rmtree(queue, ignore_errors=True)
     if failed:
-        raise FadelabError(f"shard(s) {', '.join(failed)} failed; rerun `fadelab run` to redo "
+        raise FadelabError(f"process(es) {', '.join(failed)} failed; rerun `fadelab run` to redo "
                            f"their unfinished cells")
     return results
 

@@ -67,6 +67,28 @@ def test_uce_debias_moves_the_skewed_profession_towards_balance(organism, measur
         uce_debias(organism, ["astronaut"], measurer.gender, h)
 
 
+def test_uce_debias_judges_every_profession_of_a_round_in_one_call(organism):
+    """A round generates all unfrozen professions at once; each profession's share comes from its
+    own images, which are those it gets generated alone (the seeds fix every image)."""
+    from editing.debias import generate, profession_prompts
+
+    calls = []
+
+    def judge(images):  # a deterministic stand-in: "female" when the image is brighter than 128
+        calls.append(images)
+        return (images.reshape(len(images), -1).mean(axis=1) > 128).astype(float)
+
+    h = DebiasHparams(n_images=4, max_rounds=1, steps=2)
+    r = uce_debias(organism, ["ceo", "nurse"], judge, h)
+    assert len(calls) == 1 and len(calls[0]) == 8
+    for k, p in enumerate(["ceo", "nurse"]):
+        templ = profession_prompts(organism, p, h.templates)
+        alone = generate(organism, [templ[i % len(templ)] for i in range(4)],
+                         [h.seed * 1_000_000 + k * 1_000 + i for i in range(4)], h.steps, h.guidance_scale)
+        assert np.abs(alone.astype(int) - calls[0][4 * k:4 * k + 4]).max() <= 1
+        assert r.info["history"][0]["female_shares"][p] == judge(alone).mean()
+
+
 def test_road_expectations_cover_every_request():
     for row in organism_road_requests():
         for key in ("Prompt", "New", "Old", *[f"Positive_oracle{i}" for i in range(1, 6)],

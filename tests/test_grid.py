@@ -104,6 +104,30 @@ def test_bad_shard_and_missing_config(tmp_path, capsys):
     assert err.startswith("error: experiment config") and "\n" not in err
 
 
+def test_queued_cells_share_the_grid_and_wait_for_a_running_edit(tmp_path):
+    from fadelab.grid import Cell
+    from fadelab.runner import queued_cells
+
+    grid = [Cell("base", None, None, "b"), Cell("edit", "e", None, "e"),
+            Cell("edit_finetune", "e", "f", "ef"), Cell("finetune", None, "f", "f")]
+    folder = tmp_path / "queue"
+    # two processes' generators, taking turns: every cell once, none twice
+    one, two = queued_cells(grid, tmp_path, folder), queued_cells(grid, tmp_path, folder)
+    taken = [next(one).id, next(two).id, next(one).id, next(two).id]
+    assert sorted(taken) == ["b", "e", "ef", "f"] and next(one, None) is None and next(two, None) is None
+    # the edit cell claimed by a live process (this one) and not done: its edit x fine-tune cell
+    # waits behind the cells after it, and runs once that process is gone
+    folder = tmp_path / "queue2"
+    folder.mkdir()
+    (folder / "e").write_text(str(os.getpid()))
+    gen = queued_cells(grid, tmp_path, folder, poll_s=0.01)
+    assert [next(gen).id, next(gen).id] == ["b", "f"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / "e").write_text(str(dead.pid))
+    assert next(gen).id == "ef" and next(gen, None) is None
+
+
 @pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
 def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys):
     cfg = _config(tmp_path)
@@ -111,6 +135,7 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     assert main(["run", str(cfg), "--out", str(out), "--device", "cpu", "--jobs", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and (out / "report.html").exists()
+    assert not list((out / "cells").glob(".queue-*"))  # the processes' shared queue is cleaned up
     exp = load_experiment(cfg)
     assert all(state == "done" for _, state in status(exp, out))
     assert main(["status", str(cfg), "--out", str(out)]) == 0  # each cell's wall time, from its mark
