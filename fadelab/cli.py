@@ -32,6 +32,24 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _jobs(args, device: str) -> int:
+    """--jobs N, or "auto" (runner.auto_jobs; 1 for a Slurm array, a --shard or a queue child)."""
+    from fadelab import runner
+    from models.errors import FadelabError
+
+    if args.jobs == "auto":
+        if args.shard is not None or args.queue is not None or args.launcher == "slurm":
+            return 1
+        return runner.auto_jobs(device)
+    try:
+        jobs = int(args.jobs)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise FadelabError(f"--jobs {args.jobs!r}: give a positive number of processes or 'auto'")
+    return jobs
+
+
 def _parse_seeds(text: str) -> list[int]:
     from models.errors import FadelabError
 
@@ -53,12 +71,13 @@ def cmd_run(args) -> int:
     parse_shard(args.shard)
     smoke = True if args.smoke else None
     load_experiment(args.config, smoke=smoke)  # bad configs fail here, before any process starts
+    jobs = _jobs(args, device)
     if args.launcher == "slurm":
-        runner.run_slurm(args.config, out, args.jobs, device, cluster=args.cluster,
+        runner.run_slurm(args.config, out, jobs, device, cluster=args.cluster,
                          slurm={"slurm_partition": args.partition} if args.partition else None,
                          smoke=smoke)
-    elif args.jobs > 1:
-        runner.run_local_jobs(args.config, out, args.jobs, device, smoke=smoke)
+    elif jobs > 1:
+        runner.run_local_jobs(args.config, out, jobs, device, smoke=smoke, progress=not args.quiet)
     else:
         summary = runner.run_cells(args.config, out, shard=args.shard, device=device,
                                    progress=not args.quiet, smoke=smoke, queue=args.queue)
@@ -197,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="fadelab-out", help="output folder (default ./fadelab-out)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     r.add_argument("--shard", default=None, help="run only slice i/n of the cells (e.g. 0/4)")
-    r.add_argument("--jobs", type=int, default=1,
-                   help="processes side by side (local: sharing one queue of cells, round robin over the GPUs; slurm: array size)")
+    r.add_argument("--jobs", default="auto",
+                   help="processes side by side (local: sharing one queue of cells, round robin over the GPUs; "
+                        "slurm: array size); auto (default): 1 on the CPU, up to 8 per GPU")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local",
                    help="local processes (default) or a Slurm job array through submitit")
     r.add_argument("--queue", default=None, help=argparse.SUPPRESS)  # run_local_jobs' shared queue folder

@@ -190,8 +190,29 @@ def child_gpu(i: int, gpus: int, visible: str | None) -> str:
     return ids[i % gpus]
 
 
+#: Processes per GPU that `auto_jobs` starts at most, and the GPU memory it counts per process: on
+#: one H100 the main job's 8 processes peaked at 36 GB together (docs/measured/2026-12-05-h100-mainjob-jobs8.txt).
+JOBS_PER_GPU, GIB_PER_JOB = 8, 6
+
+
+def auto_jobs(device: str) -> int:
+    """`--jobs auto`: 1 on the CPU (an organism step there is compute-bound); on CUDA, for each
+    visible GPU, up to JOBS_PER_GPU processes, fewer where the GPU has under GIB_PER_JOB GiB per
+    process or the machine under 2 CPU cores per process. One organism process leaves a GPU mostly
+    idle (its steps are launch-bound), so several share each GPU."""
+    import torch
+
+    gpus = _cuda_count() if device.startswith("cuda") else 0
+    if not gpus:
+        return 1
+    cores = max(1, (os.cpu_count() or 1) // (2 * gpus))
+    per = [min(JOBS_PER_GPU, cores, max(1, int(torch.cuda.get_device_properties(k).total_memory / 2**30 // GIB_PER_JOB)))
+           for k in range(gpus)]
+    return sum(per)
+
+
 def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
-                   smoke: bool | None = None) -> list[dict]:
+                   smoke: bool | None = None, progress: bool = True) -> list[dict]:
     """`jobs` processes side by side (one GPU each, round robin over the visible GPUs, when the
     device is CUDA; several may share one), each taking the next unclaimed cell from a queue
     folder under out/cells (`queued_cells`) until none is left. A failed process fails the call
@@ -218,6 +239,7 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     results, failed = [], []
     try:
+        _watch(config, out, procs, smoke, progress)
         for i, p in enumerate(procs):
             stdout, _ = p.communicate()
             if p.returncode != 0:
@@ -232,6 +254,23 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
         raise FadelabError(f"process(es) {', '.join(failed)} failed; rerun `fadelab run` to redo "
                            f"their unfinished cells")
     return results
+
+
+def _watch(config, out: Path, procs: list, smoke: bool | None, progress: bool, poll_s: float = 5.0) -> None:
+    """Until every process has exited: a bar of the grid's done cells (the processes run --quiet)."""
+    from tqdm.auto import tqdm
+
+    from fadelab.grid import cell_done, cell_path, cells, load_experiment
+
+    grid = cells(load_experiment(config, smoke=smoke))
+    done = lambda: sum(cell_done(cell_path(out, c), c) for c in grid)  # noqa: E731
+    with tqdm(total=len(grid), initial=done(), desc=f"cells ({len(procs)} processes)", unit="cell",
+              disable=not progress) as bar:
+        while any(p.poll() is None for p in procs):
+            time.sleep(poll_s)
+            if progress:
+                bar.update(done() - bar.n)
+        bar.update(done() - bar.n)
 
 
 def _slurm_task(config: str | None, out: str, shard: str, device: str, smoke: bool | None = None) -> dict:

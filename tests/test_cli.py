@@ -30,6 +30,30 @@ def test_bad_input_is_one_line(capsys):
     assert "--p-look 1.5" in err and "between 0 and 1" in err and "\n" not in err
 
 
+def test_jobs_refusals_and_auto(capsys, monkeypatch):
+    for bad in ("0", "x"):
+        assert main(["run", "--jobs", bad, "--out", "/nonexistent/never-written"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--jobs {bad!r}" in err and "'auto'" in err and "\n" not in err
+    from types import SimpleNamespace
+
+    import torch
+
+    from fadelab import runner
+
+    assert runner.auto_jobs("cpu") == 1
+    monkeypatch.setattr(runner, "_cuda_count", lambda: 2)
+    mem = {"gib": 80}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda k: SimpleNamespace(total_memory=mem["gib"] * 2**30))
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 16)
+    assert runner.auto_jobs("cuda") == 2 * 4  # 16 cores: 2 per process, 4 per GPU
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 128)
+    assert runner.auto_jobs("cuda") == 2 * runner.JOBS_PER_GPU
+    mem["gib"] = 24
+    assert runner.auto_jobs("cuda") == 2 * 4  # 6 GiB a process
+
+
 def test_unknown_family_is_one_line(capsys, tmp_path):
     assert main(["generate", "a cat", "--family", "sd99", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -111,10 +111,12 @@ def test_queued_cells_share_the_grid_and_wait_for_a_running_edit(tmp_path):
     grid = [Cell("base", None, None, "b"), Cell("edit", "e", None, "e"),
             Cell("edit_finetune", "e", "f", "ef"), Cell("finetune", None, "f", "f")]
     folder = tmp_path / "queue"
-    # two processes' generators, taking turns: every cell once, none twice
-    one, two = queued_cells(grid, tmp_path, folder), queued_cells(grid, tmp_path, folder)
+    # two processes' generators, taking turns: every cell once, none twice (cells with no edit
+    # to wait for: an edit claimed by a live process, unfinished, holds its edit x fine-tune back)
+    free = [c for c in grid if c.kind != "edit_finetune"] + [Cell("finetune", None, "g", "g")]
+    one, two = queued_cells(free, tmp_path, folder), queued_cells(free, tmp_path, folder)
     taken = [next(one).id, next(two).id, next(one).id, next(two).id]
-    assert sorted(taken) == ["b", "e", "ef", "f"] and next(one, None) is None and next(two, None) is None
+    assert sorted(taken) == ["b", "e", "f", "g"] and next(one, None) is None and next(two, None) is None
     # the edit cell claimed by a live process (this one) and not done: its edit x fine-tune cell
     # waits behind the cells after it, and runs once that process is gone
     folder = tmp_path / "queue2"
