@@ -112,8 +112,8 @@ def _work_model(model: Any, components: dict[str, Any]) -> Any:
 
 
 def _optimizer(hp: TrainHParams, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if hp.optimizer == "prodigy":
-        from prodigyopt import Prodigy
+    if hp.optimizer == "prodigy":  # prodigyopt's algorithm without its per-tensor .item() calls
+        from finetuning.prodigy import DeviceProdigy as Prodigy
 
         return Prodigy(params, lr=lr, betas=(hp.adam_beta1, hp.adam_beta2), beta3=hp.prodigy_beta3,
                        eps=hp.adam_eps, weight_decay=hp.weight_decay, decouple=hp.prodigy_decouple,
