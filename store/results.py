@@ -65,17 +65,32 @@ class ResultsMixin:
 
         Returns the number of labels this annotator has given to this image set.
         """
+        return self.append_labels(variant, images, annotator, [index], [label], [score])
+
+    def append_labels(self, variant: str, images: str, annotator: str, indices, labels,
+                      scores=None) -> int:
+        """Append labels for images `indices` of an image set (a judge's verdicts on a whole set)
+        in one write, committed before returning: all of them or, if interrupted, none.
+
+        Returns the number of labels this annotator has given to this image set.
+        """
         self._writable()
+        indices, labels = list(indices), list(labels)
+        scores = [math.nan] * len(indices) if scores is None else [float(x) for x in scores]
+        if not len(labels) == len(indices) == len(scores):
+            raise StoreError(f"{len(indices)} indices need as many labels and scores; got "
+                             f"{len(labels)} labels and {len(scores)} scores")
         path = _path("labels", variant, images, annotator)
         n_images = None
         if self.is_complete(_path("images", variant, images)):
             n_images = self.h5[_path("images", variant, images)]["seed"].shape[0]
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0 or (
-                n_images is not None and index >= n_images):
-            raise StoreError(f"bad image index {index!r} for {variant}/{images}: expected 0.."
-                             f"{'' if n_images is None else n_images - 1}")
-        if not isinstance(label, str):
-            raise StoreError(f"label must be a str (e.g. 'yes', 'no', a class name); got {label!r}")
+        for index, label in zip(indices, labels):
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0 or (
+                    n_images is not None and index >= n_images):
+                raise StoreError(f"bad image index {index!r} for {variant}/{images}: expected 0.."
+                                 f"{'' if n_images is None else n_images - 1}")
+            if not isinstance(label, str):
+                raise StoreError(f"label must be a str (e.g. 'yes', 'no', a class name); got {label!r}")
         grp = self.h5.get(path)
         if grp is None or int(grp.attrs.get("complete", 0)) != 1:
             if grp is not None:
@@ -87,14 +102,16 @@ class ResultsMixin:
                 ds.attrs["dtype"] = "str" if col in ("label", "time") else np.dtype(dt).name
             grp.attrs.update({"variant": variant, "images": images, "annotator": annotator,
                               "complete": 1})
-        n = grp["index"].shape[0]
+        n, k = grp["index"].shape[0], len(indices)
+        if not k:
+            return n
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        for col, val in (("index", int(index)), ("label", label), ("score", float(score)),
-                         ("time", now)):
-            grp[col].resize((n + 1,))
-            grp[col][n] = val
+        for col, vals in (("index", np.asarray(indices, np.int64)), ("label", labels),
+                          ("score", np.asarray(scores, np.float64)), ("time", [now] * k)):
+            grp[col].resize((n + k,))
+            grp[col][n:n + k] = vals
         self.commit()
-        return n + 1
+        return n + k
 
     def read_labels(self, variant: str, images: str, annotator: str) -> dict:
         """{'index', 'label', 'score', 'time'} of one annotator, in the order given."""

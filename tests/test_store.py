@@ -216,6 +216,12 @@ def test_images_labels_metrics_loss_arrays(path):
         assert st.append_label("M_ed/e1", "eval", "oracle", 0, "no") == 2
         with pytest.raises(StoreError, match="bad image index 3"):
             st.append_label("M_ed/e1", "eval", "oracle", 3, "no")
+        # a judge's verdicts on a set in one write: all or none (a bad index refuses the batch)
+        with pytest.raises(StoreError, match="bad image index 7"):
+            st.append_labels("M_ed/e1", "eval", "clip", [0, 7], ["a", "b"], [0.1, 0.2])
+        with pytest.raises(StoreError, match="2 indices need as many labels"):
+            st.append_labels("M_ed/e1", "eval", "clip", [0, 1], ["a"])
+        assert st.append_labels("M_ed/e1", "eval", "clip", [1, 0, 2], ["b", "a", "c"], [0.5, 0.25, 1.0]) == 3
         st.create_metric("M", "acc", 0.5, ci=(0.4, 0.6), n=100)
         st.create_metric("M_ed/e1", "acc", 0.9, ci=(0.85, 0.95), n=100)
         st.create_metric("M_ed/e1", "acc", 0.7, step=500)
@@ -227,7 +233,10 @@ def test_images_labels_metrics_loss_arrays(path):
         assert got["prompt"] == ["a", "b", "c"] and got["seed"].tolist() == [0, 1, 2]
         labels = st.read_labels("M_ed/e1", "eval", "oracle")
         assert labels["index"].tolist() == [2, 0] and labels["label"] == ["yes", "no"]
-        assert st.annotators("M_ed/e1", "eval") == ["human:alice", "oracle"]
+        clip = st.read_labels("M_ed/e1", "eval", "clip")
+        assert clip["index"].tolist() == [1, 0, 2] and clip["label"] == ["b", "a", "c"]
+        assert clip["score"].tolist() == [0.5, 0.25, 1.0]
+        assert st.annotators("M_ed/e1", "eval") == ["clip", "human:alice", "oracle"]
         ds = st.metrics()
         assert ds["acc"].sel(variant="M_ed/e1") == 0.9 and ds["acc_ci_low"].sel(variant="M") == 0.4
         assert st.metrics(by_step=True)["acc"].sel(variant="M_ed/e1", step=500) == 0.7

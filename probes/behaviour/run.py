@@ -200,9 +200,10 @@ def _verdicts(judge, suite: Suite, variant: str, images: np.ndarray, store, blac
         done = set()
         if judge.name in store.annotators(variant, suite.name):
             done = {int(i) for i in store.read_labels(variant, suite.name, judge.name)["index"]}
-        for k, (lab, sc) in enumerate(zip(labels, scores)):
-            if k not in done:
-                store.append_label(variant, suite.name, judge.name, k, lab, float(sc))
+        todo = [k for k in range(len(labels)) if k not in done]
+        if todo:
+            store.append_labels(variant, suite.name, judge.name, todo, [labels[k] for k in todo],
+                                [float(scores[k]) for k in todo])
     return labels, scores
 
 
