@@ -32,7 +32,7 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _jobs(args, device: str) -> int:
+def _jobs(args, device: str, family: str) -> int:
     """--jobs N, or "auto" (runner.auto_jobs; 1 for a Slurm array, a --shard or a queue child)."""
     from fadelab import runner
     from models.errors import FadelabError
@@ -40,7 +40,7 @@ def _jobs(args, device: str) -> int:
     if args.jobs == "auto":
         if args.shard is not None or args.queue is not None or args.launcher == "slurm":
             return 1
-        return runner.auto_jobs(device)
+        return runner.auto_jobs(device, family)
     try:
         jobs = int(args.jobs)
     except ValueError:
@@ -70,8 +70,8 @@ def cmd_run(args) -> int:
     device = _device(args.device)
     parse_shard(args.shard)
     smoke = True if args.smoke else None
-    load_experiment(args.config, smoke=smoke)  # bad configs fail here, before any process starts
-    jobs = _jobs(args, device)
+    exp = load_experiment(args.config, smoke=smoke)  # bad configs fail here, before any process starts
+    jobs = _jobs(args, device, exp.family)
     if args.launcher == "slurm":
         runner.run_slurm(args.config, out, jobs, device, cluster=args.cluster,
                          slurm={"slurm_partition": args.partition} if args.partition else None,
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shard", default=None, help="run only slice i/n of the cells (e.g. 0/4)")
     r.add_argument("--jobs", default="auto",
                    help="processes side by side (local: sharing one queue of cells, round robin over the GPUs; "
-                        "slurm: array size); auto (default): 1 on the CPU, up to 8 per GPU")
+                        "slurm: array size); auto (default): 1 on the CPU; on GPUs one per GPU, for the organism up to 8 per GPU")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local",
                    help="local processes (default) or a Slurm job array through submitit")
     r.add_argument("--queue", default=None, help=argparse.SUPPRESS)  # run_local_jobs' shared queue folder

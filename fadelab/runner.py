@@ -195,16 +195,19 @@ def child_gpu(i: int, gpus: int, visible: str | None) -> str:
 JOBS_PER_GPU, GIB_PER_JOB = 8, 6
 
 
-def auto_jobs(device: str) -> int:
-    """`--jobs auto`: 1 on the CPU (an organism step there is compute-bound); on CUDA, for each
-    visible GPU, up to JOBS_PER_GPU processes, fewer where the GPU has under GIB_PER_JOB GiB per
-    process or the machine under 2 CPU cores per process. One organism process leaves a GPU mostly
-    idle (its steps are launch-bound), so several share each GPU."""
+def auto_jobs(device: str, family: str = "organism") -> int:
+    """`--jobs auto`: 1 on the CPU (an organism step there is compute-bound); on CUDA one process
+    per visible GPU for real families (SD1.4's full fine-tuning alone takes 25 GiB), and for the
+    organism up to JOBS_PER_GPU processes per GPU, fewer where the GPU has under GIB_PER_JOB GiB
+    per process or the machine under 2 CPU cores per process: one organism process leaves a GPU
+    mostly idle (its steps are launch-bound), so several share each GPU."""
     import torch
 
     gpus = _cuda_count() if device.startswith("cuda") else 0
     if not gpus:
         return 1
+    if family != "organism":
+        return gpus
     cores = max(1, (os.cpu_count() or 1) // (2 * gpus))
     per = [min(JOBS_PER_GPU, cores, max(1, int(torch.cuda.get_device_properties(k).total_memory / 2**30 // GIB_PER_JOB)))
            for k in range(gpus)]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU work still owed after session 8 (2026-12-04; session 9 ran none: its one call went to the
-# organism), as calls of under 10 minutes. Calls 1-3
+# The GPU work still owed after session 10 (2026-12-05; sessions 9 and 10 ran none of calls 1-4:
+# their device time went to the organism and to the main job's speed), as calls of under 10
+# minutes. Calls 1-3, 5 and 6
 # need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
 # sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).
@@ -15,6 +16,12 @@
 #      warm). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux-schnell` repeats it)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
 #      processes side by side, then on two GPUs (--jobs 2)
+#   5: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200) from an empty
+#      folder, 560 s; repeat while warm until status shows 50 done, then the report is written.
+#      Session 10 (2026-12-05, H100, before DeviceProdigy and the batched label writes): 41 of 50
+#      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt)
+#   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
+#      same-call baseline that session 10 had no device time for)
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -41,7 +48,7 @@ case "${1:-}" in
        --budget-s 430 ;;
 2) smoke sd14 540 ;;
 3) smoke "${2:-sdxl}" 540 ;;
-4) t grid-1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 -m fadelab.cli run experiments/throughput.toml \
+4) t grid-1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 -m fadelab.cli run experiments/throughput.toml --jobs 1 \
        --device cuda --out fadelab-out/grid1 --no-report &
    t grid-1gpu-3proc 200 env CUDA_VISIBLE_DEVICES=1 python3 -m fadelab.cli run experiments/throughput.toml \
        --device cuda --jobs 3 --out fadelab-out/grid1x3 --no-report &
@@ -51,7 +58,15 @@ case "${1:-}" in
    for d in grid1 grid1x3 grid2; do
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/$d" > "$OUT/$d-status.txt" 2>&1
    done ;;
-*) echo "usage: $0 1|2|3 [sdxl|flux-schnell]|4" >&2; exit 2 ;;
+5) t main 560 python3 -m fadelab.cli run --device cuda --quiet --out fadelab-out/main
+   python3 -m fadelab.cli status --out fadelab-out/main > "$OUT/main-status.txt" 2>&1
+   cp fadelab-out/main/report.html "$OUT/" 2>/dev/null ;;
+6) for j in 1 auto; do
+     t "throughput-jobs-$j" 270 python3 -m fadelab.cli run experiments/throughput.toml --device cuda \
+         --jobs "$j" --no-report --quiet --out "fadelab-out/tp-$j"
+     python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/tp-$j" > "$OUT/tp-$j-status.txt" 2>&1
+   done ;;
+*) echo "usage: $0 1|2|3 [sdxl|flux-schnell]|4|5|6" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"

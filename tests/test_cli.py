@@ -52,6 +52,7 @@ def test_jobs_refusals_and_auto(capsys, monkeypatch):
     assert runner.auto_jobs("cuda") == 2 * runner.JOBS_PER_GPU
     mem["gib"] = 24
     assert runner.auto_jobs("cuda") == 2 * 4  # 6 GiB a process
+    assert runner.auto_jobs("cuda", "sd14") == 2  # real families: one process per GPU
 
 
 def test_unknown_family_is_one_line(capsys, tmp_path):
