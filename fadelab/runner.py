@@ -92,7 +92,7 @@ def run_cells(config: str | None, out: Path, *, shard: str | None = None, device
     i, n = parse_shard(shard)
     ran, skipped = [], []
     if queue is not None:
-        skipped = [c.id for c in cells(exp) if cell_done(cell_path(out, c), c)]
+        skipped = [c.id for c in cells(exp) if _claim_text(Path(queue), c) == DONE_BEFORE]
         mine = queued_cells(cells(exp), out, Path(queue))
         label = "queue"
     else:
@@ -113,6 +113,8 @@ def run_cells(config: str | None, out: Path, *, shard: str | None = None, device
         log.info("cell %s (%s)", cell.id, cell.variant)
         cell_runner.run_cell(ctx, cell)
         ran.append(cell.id)
+        if queue is not None:
+            (Path(queue) / f"{cell.id}.done").touch()  # for the others and the parent's bar
     bar.close()
     return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1), "shard": label}
 
@@ -139,32 +141,45 @@ def _claim(folder: Path, cell) -> bool:
     return True
 
 
+#: The claim that run_local_jobs writes for a cell already done when it starts.
+DONE_BEFORE = "done"
+
+
+def _claim_text(folder: Path, cell) -> str | None:
+    try:
+        return (folder / cell.id).read_text()
+    except OSError:
+        return None
+
+
 def _claimer_alive(folder: Path, cell) -> bool:
     try:
-        return _alive(int((folder / cell.id).read_text() or 0))
-    except (OSError, ValueError):
+        return _alive(int(_claim_text(folder, cell) or 0))
+    except ValueError:
         return False
 
 
 def queued_cells(all_cells: list, out: Path, folder: Path, poll_s: float = 2.0):
     """The cells this process claims, one at a time, from a queue `folder` that several local
-    processes share: each takes the first cell in grid order that is neither done nor claimed,
-    so long cells (the debias ones) do not pile up in one shard as with `shard`. An edit x
-    fine-tune cell whose edit cell another live process is still running is passed over while
-    other cells remain, then waited for (polling every poll_s seconds) rather than recomputed;
-    if that process has died, it is run anyway and recomputes the edit (fadelab.cells.edit_of)."""
-    from fadelab.grid import cell_done, cell_path
+    processes share: each takes the first cell in grid order that nobody has claimed, so long
+    cells (the debias ones) do not pile up in one shard as with `shard`. An edit x fine-tune cell
+    whose edit cell another live process is still running is passed over while other cells
+    remain, then waited for (polling every poll_s seconds) rather than recomputed; if that process
+    has died, it is run anyway and recomputes the edit (fadelab.cells.edit_of).
 
+    Nothing here opens a cell's store: a reader's lock while a writer opens it would fail the
+    writer (store.journal). run_local_jobs claims the cells done before it starts, and a process
+    that finishes a cell leaves <cell id>.done beside its claim."""
     folder.mkdir(parents=True, exist_ok=True)
     owner = {c.edit: c for c in all_cells if c.kind == "edit"}
 
     def blocked(cell) -> bool:
         dep = owner.get(cell.edit) if "edit" in cell.needs else None
-        return (dep is not None and (folder / dep.id).exists()
-                and not cell_done(cell_path(out, dep), dep) and _claimer_alive(folder, dep))
+        return (dep is not None and (folder / dep.id).exists() and not (folder / f"{dep.id}.done").exists()
+                and _claim_text(folder, dep) != DONE_BEFORE and _claimer_alive(folder, dep))
 
     while True:
-        left = [c for c in all_cells if not (folder / c.id).exists() and not cell_done(cell_path(out, c), c)]
+        left = [c for c in all_cells if not (folder / c.id).exists()]
         if not left:
             return
         ready = [c for c in left if not blocked(c)]
@@ -227,8 +242,15 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
 
     if jobs < 1:
         raise FadelabError(f"--jobs {jobs}: give a positive number of processes")
+    from fadelab.grid import cell_done, cell_path, cells, load_experiment
+
     gpus = _cuda_count() if device.startswith("cuda") else 0
     queue = Path(out) / "cells" / f".queue-{os.getpid()}-{time.time_ns()}"
+    queue.mkdir(parents=True)
+    grid = cells(load_experiment(config, smoke=smoke))
+    before = [c for c in grid if cell_done(cell_path(out, c), c)]  # before any writer starts
+    for c in before:
+        (queue / c.id).write_text(DONE_BEFORE)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     procs = []
     for i in range(jobs):
@@ -242,7 +264,7 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     results, failed = [], []
     try:
-        _watch(config, out, procs, smoke, progress)
+        _watch(queue, len(grid), len(before), procs, progress)
         for i, p in enumerate(procs):
             stdout, _ = p.communicate()
             if p.returncode != 0:
@@ -259,15 +281,13 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
     return results
 
 
-def _watch(config, out: Path, procs: list, smoke: bool | None, progress: bool, poll_s: float = 5.0) -> None:
-    """Until every process has exited: a bar of the grid's done cells (the processes run --quiet)."""
+def _watch(queue: Path, total: int, before: int, procs: list, progress: bool, poll_s: float = 5.0) -> None:
+    """Until every process has exited: a bar of the grid's done cells (the processes run --quiet),
+    counted from the queue's .done marks, not by opening stores that processes are writing."""
     from tqdm.auto import tqdm
 
-    from fadelab.grid import cell_done, cell_path, cells, load_experiment
-
-    grid = cells(load_experiment(config, smoke=smoke))
-    done = lambda: sum(cell_done(cell_path(out, c), c) for c in grid)  # noqa: E731
-    with tqdm(total=len(grid), initial=done(), desc=f"cells ({len(procs)} processes)", unit="cell",
+    done = lambda: before + len(list(queue.glob("*.done")))  # noqa: E731
+    with tqdm(total=total, initial=done(), desc=f"cells ({len(procs)} processes)", unit="cell",
               disable=not progress) as bar:
         while any(p.poll() is None for p in procs):
             time.sleep(poll_s)

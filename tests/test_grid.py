@@ -128,6 +128,14 @@ def test_queued_cells_share_the_grid_and_wait_for_a_running_edit(tmp_path):
     dead.wait()
     (folder / "e").write_text(str(dead.pid))
     assert next(gen).id == "ef" and next(gen, None) is None
+    # a finished edit (its .done mark) frees its edit x fine-tune cell at once; cells that were
+    # done before the processes started carry run_local_jobs' "done" claim and are never taken
+    folder = tmp_path / "queue3"
+    folder.mkdir()
+    (folder / "e").write_text(str(os.getpid()))
+    (folder / "e.done").touch()
+    (folder / "b").write_text("done")
+    assert [c.id for c in queued_cells(grid, tmp_path, folder)] == ["ef", "f"]
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
