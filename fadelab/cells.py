@@ -82,12 +82,14 @@ def set_image_size(model, pixels: int) -> None:
 # -- deltas in the store ---------------------------------------------------------------------------
 
 def save_delta(st, variant: str, delta, step: int | None = None) -> None:
-    """Write every site of a WeightDelta under `variant` (and `step`), keeping its provenance."""
+    """Write every site of a WeightDelta under `variant` (and `step`), keeping its provenance;
+    the sites commit together (`Store.batch`)."""
     attrs = {"provenance": json.dumps(delta.provenance, default=str, sort_keys=True)}
-    for site in delta.sites():
-        update = delta.deltas[site]
-        value = tuple(t.detach().cpu() for t in update) if isinstance(update, tuple) else update.detach().cpu()
-        st.require_delta(variant, site, value, step=step, attrs=attrs)
+    with st.batch():
+        for site in delta.sites():
+            update = delta.deltas[site]
+            value = tuple(t.detach().cpu() for t in update) if isinstance(update, tuple) else update.detach().cpu()
+            st.require_delta(variant, site, value, step=step, attrs=attrs)
 
 
 def save_edit(st, edit_id: str, variant: str, result) -> None:

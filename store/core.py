@@ -10,7 +10,8 @@ mechanics the typed mixins (`store.weights`, `store.activations`, `store.results
   ``mode="require"`` keeps one whose members match in shape and dtype and raises otherwise.
   A half-written entry (no ``complete`` attribute) is deleted and redone in both modes.
 - `_get(path)`: read an entry's members back exactly; an incomplete entry raises `StoreError`.
-- `is_complete(path)`, `commit()`.
+- `is_complete(path)`, `commit()`, and `batch()`: a block whose entries commit together at its
+  end (one flush and journal commit for many entries, e.g. the hundreds of sites of a delta).
 
 Root attributes (the self-description, see docs/store.md): ``fadelab_store``,
 ``schema_version``, ``fadelab_version``, ``created_utc``, ``code_version``, ``config_text``,
@@ -25,7 +26,8 @@ import json
 import logging
 import os
 import socket
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -121,6 +123,8 @@ class StoreCore:
         self._jf = jf
         self.path = path
         self.mode = mode
+        self._batch_depth = 0  # > 0 inside `batch()`: commits wait for its end
+        self._batch_dirty = False
 
     # -- opening and closing ----------------------------------------------------------------
     @classmethod
@@ -250,9 +254,33 @@ class StoreCore:
             raise StoreError(f"{self.path} is open read-only (mode='r'); open with mode='a'")
 
     def commit(self) -> None:
-        """Flush HDF5 and make the file's bytes the state a crash rolls back to."""
+        """Flush HDF5 and make the file's bytes the state a crash rolls back to (inside
+        `batch()`, at the end of the outermost block)."""
+        if self._batch_depth:
+            self._batch_dirty = True
+            return
         self.h5.flush()
         self._jf.commit()
+
+    @contextmanager
+    def batch(self) -> Iterator["StoreCore"]:
+        """Entries written within the block commit together when it ends, normally or by an
+        exception (entries completed by then are whole; one cut off is redone by the next write
+        of its path, as always). A SIGKILL inside the block rolls the file back to before it.
+
+        Each commit flushes HDF5 and rewrites the journal's header: storing half of SD1.4's
+        UNet delta (343 sites, 3.25 GB, uncompressed) took 2.92 s entry by entry and 2.19 s in
+        one block on the lab's 2-core CPU (2026-12-05). Blocks nest; only the outermost commits.
+        """
+        self._writable()
+        self._batch_depth += 1
+        try:
+            yield self
+        finally:
+            self._batch_depth -= 1
+            if not self._batch_depth and self._batch_dirty and self.h5 is not None:
+                self._batch_dirty = False
+                self.commit()
 
     def is_complete(self, path: str) -> bool:
         """Whether the entry at `path` exists and was fully written."""

@@ -1,8 +1,10 @@
 """Unit tests of store.Store: exact round trips, h5py's manners, self-description, locking, views."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,6 +15,7 @@ from store import SCHEMA_VERSION, Store, StoreError
 from store import codec
 
 SITE = "text.mlp.7.fc2"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -242,6 +245,48 @@ def test_images_labels_metrics_loss_arrays(path):
         assert st.metrics(by_step=True)["acc"].sel(variant="M_ed/e1", step=500) == 0.7
         assert st.read_loss("f1")["lr"].tolist() == [1e-4, 1e-4]
         assert st.array_xr("weights/angles").dims == ("edit", "k")
+
+
+BATCH_WRITER = """
+import os, sys, time, torch
+from store import Store
+st = Store.open(sys.argv[1], "a", config="batch")
+st.create_delta("M_ft/f", "a.x", torch.ones(3, 4))
+with st.batch():
+    st.create_delta("M_ft/f", "b.x", torch.ones(300, 400))
+    st.create_delta("M_ft/f", "c.x", (torch.ones(300, 2), torch.ones(2, 400)))
+    print("inside", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_batch_commits_its_entries_together(path, tmp_path):
+    # a kill inside the block: the file opens at the entry before it, none of the block's are there
+    script = tmp_path / "batch_writer.py"
+    script.write_text(BATCH_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), path], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "inside"
+    proc.kill()
+    proc.wait()
+    with Store.open(path, "a") as st:
+        assert st.sites("M_ft/f") == ["a.x"]
+        assert not st.is_complete(st.delta_path("M_ft/f", "b.x"))
+        # nested blocks commit once, at the outer end; an exception still commits what was whole
+        with pytest.raises(RuntimeError, match="stop"):
+            with st.batch():
+                st.create_delta("M_ft/f", "b.x", torch.full((3, 4), 2.0))
+                with st.batch():
+                    st.create_delta("M_ft/f", "c.x", torch.full((3, 4), 3.0))
+                assert st._batch_dirty  # written, not yet committed
+                raise RuntimeError("stop")
+        assert not st._batch_depth and not st._batch_dirty
+    with Store.open(path, "r") as st:
+        assert st.sites("M_ft/f") == ["a.x", "b.x", "c.x"]
+        assert st.read_delta("M_ft/f", "c.x").tolist() == [[3.0] * 4] * 3
+        with pytest.raises(StoreError, match="read-only"):
+            with st.batch():
+                pass
 
 
 def test_chunks_keep_whole_rows():
