@@ -288,7 +288,7 @@ def probe(model, edit, ft, *, k: int = 8, sites: Sequence[str] | None = None, st
     `edit`: (final Dataset over site, Dataset over (step, site) along ft's checkpoints, or None).
     Sites: the edited sites the fine-tune touched (default). kappa: +1 when dW_ft = -dW_ed."""
     from models import snapshot
-    from probes.weights import WeightProbeConfig, probe_weights, probe_weights_steps
+    from probes.weights import WeightProbeConfig, probe_weights_final_and_steps
 
     d_ed, keys = edit_of(edit)
     d_ft = getattr(ft, "delta", ft)
@@ -297,11 +297,8 @@ def probe(model, edit, ft, *, k: int = 8, sites: Sequence[str] | None = None, st
         sites = [s for s in d_ed.sites() if s in touched] or list(d_ed.sites())
     base = snapshot(model, [s for s in sites if "." in s])
     cfg = WeightProbeConfig(k=k)
-    final = probe_weights(base, d_ed, d_ft, keys, cfg, sites=list(sites))
-    along = None
-    if steps and getattr(ft, "checkpoints", None):
-        along = probe_weights_steps(base, d_ed, dict(ft.checkpoints), keys, cfg, sites=list(sites))
-    return final, along
+    along = getattr(ft, "checkpoints", None) if steps else None
+    return probe_weights_final_and_steps(base, d_ed, d_ft, along, keys, cfg, sites=list(sites))
 
 
 # -- behaviour -------------------------------------------------------------------------------------

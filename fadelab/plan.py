@@ -521,19 +521,18 @@ def _weight_probes(ctx, st, cell, d_ed, keys, ft) -> None:
     """probes.weights at the final delta and along the checkpoints, as (metric, site) and
     (step, metric, site) arrays under probes/weights/<edit>/<finetune>."""
     from models import snapshot
-    from probes.weights import SCALARS, WeightProbeConfig, probe_weights, probe_weights_steps
+    from probes.weights import SCALARS, WeightProbeConfig, probe_weights_final_and_steps
 
     sites = [s for s in d_ed.sites() if s in set(ft.delta.sites())] or d_ed.sites()
     base = snapshot(ctx.model, [s for s in sites if "." in s])
     cfg = WeightProbeConfig(k=int(ctx.exp.probes.get("subspace_k", 8)))
-    final = probe_weights(base, d_ed, ft.delta, keys, cfg, sites=sites)
+    final, steps = probe_weights_final_and_steps(base, d_ed, ft.delta, ft.checkpoints, keys, cfg, sites=sites)
     names = [m for m in SCALARS if m in final]
     table = np.stack([final[m].values for m in names])  # (metric, site)
     name = f"probes/weights/{cell.edit}/{cell.finetune}"
     st.require_array(name, table.astype(np.float64), dims=["metric", "site"],
                      attrs={"metric": names, "site": list(final["site"].values)})
-    if ft.checkpoints:
-        steps = probe_weights_steps(base, d_ed, dict(ft.checkpoints), keys, cfg, sites=sites)
+    if steps is not None:
         like = steps["kappa"].transpose("step", "site")
         arr = np.stack([steps[m].broadcast_like(like).transpose("step", "site").values
                         for m in names], axis=1)  # (step, metric, site); edit-only ones repeat

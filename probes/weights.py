@@ -17,6 +17,8 @@ Offers
     edit_input_keys(keys, site)      the rows that span the edit's input subspace
     probe_weights(base_weights, d_ed, d_ft, keys, config) -> xarray.Dataset (site)
     probe_weights_steps(base_weights, d_ed, {step: d_ft}, keys, config) -> Dataset (step, site)
+    probe_weights_final_and_steps(base_weights, d_ed, d_ft, checkpoints, keys, config)
+                                     -> (the first, the second or None), the edit's SVDs done once
 
 Sign conventions (stated once, used everywhere): kappa = -<dW_ft, dW_ed>/|dW_ed|^2, so
 dW_ft = -dW_ed (fine-tuning undoes the edit exactly) gives kappa = 1 and retention 0;
@@ -463,6 +465,20 @@ def probe_weights(base_weights: Mapping[str, Tensor] | None, d_ed: Any, d_ft: An
     `ds[list(SCALARS)].to_array("metric")` gives the (metric, site) table.
     """
     return probe_weights_steps(base_weights, d_ed, {-1: d_ft}, keys, config, sites).isel(step=0, drop=True)
+
+
+def probe_weights_final_and_steps(base_weights: Mapping[str, Tensor] | None, d_ed: Any, d_ft: Any,
+                                  checkpoints: Iterable[tuple[int, Any]] | None,
+                                  keys: Mapping[str, Any] | None = None,
+                                  config: WeightProbeConfig = WeightProbeConfig(),
+                                  sites: Iterable[str] | None = None) -> tuple[xr.Dataset, xr.Dataset | None]:
+    """(`probe_weights` of the final d_ft, `probe_weights_steps` along `checkpoints` or None when
+    there are none) in one pass: the edit's SVDs and subspaces are computed once per site for
+    both, not once for each (they were half of the probe time of a full fine-tune's cell)."""
+    along = [(int(s), d) for s, d in (checkpoints or [])]
+    ds = probe_weights_steps(base_weights, d_ed, [(-1, d_ft), *along], keys, config, sites)
+    final = ds.isel(step=0, drop=True)
+    return final, (ds.isel(step=slice(1, None)) if along else None)
 
 
 def probe_weights_steps(base_weights: Mapping[str, Tensor] | None, d_ed: Any,

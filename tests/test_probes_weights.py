@@ -216,6 +216,15 @@ def test_steps_match_single_probes_and_share_edit_quantities():
         one = pw.probe_weights(base, ed, d, None, CFG)
         for name in ("kappa", "cosine", "proj_out", "intruders_ft", "erank_ft"):
             np.testing.assert_allclose(ds[name].sel(step=s).values, one[name].values, rtol=1e-12, err_msg=name)
+    # the runner's one pass: the final delta and the checkpoints give what the two calls give
+    final_d = WeightDelta({"s": _rank_r(m, n, 4, 99)})
+    final, along = pw.probe_weights_final_and_steps(base, ed, final_d, list(steps.items()), None, CFG)
+    alone = pw.probe_weights(base, ed, final_d, None, CFG)
+    assert list(along["step"].values) == [0, 50, 100] and "step" not in final.dims
+    for name in pw.SCALARS:
+        np.testing.assert_allclose(final[name].values, alone[name].values, rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(along[name].values, ds[name].values, rtol=1e-12, err_msg=name)
+    assert pw.probe_weights_final_and_steps(base, ed, final_d, [], None, CFG)[1] is None
 
 
 def test_sites_without_an_edit_get_nan_overlap_and_real_ranks():
