@@ -37,17 +37,21 @@ t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one
   timeout "$lim" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "[$name] rc=$rc wall=$(( $(date +%s) - s ))s" | tee -a "$OUT/lanes.txt"
 }
-smoke() {  # smoke FAMILY SECONDS: the family's grid at full size on random weights
+smoke() {  # smoke FAMILY SECONDS [JOBS]: the family's grid at full size on random weights, JOBS
+           # processes on the one GPU (default 1; SD1.4's full fine-tuning cell peaks near 25 GiB)
   [ -f .bench-data/RoAD_test.csv ] || { echo "[smoke-$1] skipped: carry .bench-data" | tee -a "$OUT/lanes.txt"; return; }
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader -l 5 > "$OUT/smoke-$1-gpumem.txt" 2>&1 & local mon=$!
   t "smoke-$1" "$2" python3 -m fadelab.cli run "experiments/$1.toml" --smoke --device cuda --quiet \
-      --out "fadelab-out/smoke-$1"
+      --jobs "${3:-1}" --out "fadelab-out/smoke-$1"
+  kill $mon 2>/dev/null
   python3 -m fadelab.cli status "experiments/$1.toml" --smoke --out "fadelab-out/smoke-$1" > "$OUT/smoke-$1-status.txt" 2>&1
+  df -h . >> "$OUT/smoke-$1-status.txt"; du -sh "fadelab-out/smoke-$1" >> "$OUT/smoke-$1-status.txt"
 }
 case "${1:-}" in
 1) t hooks-probe 450 python3 scripts/device_bench.py --parts hooks --hooks probe --out "$OUT/hooksprobe" \
        --budget-s 430 ;;
-2) smoke sd14 540 ;;
-3) smoke "${2:-sdxl}" 540 ;;
+2) smoke sd14 540 "${2:-1}" ;;
+3) smoke "${2:-sdxl}" 540 "${3:-1}" ;;
 4) t grid-1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 -m fadelab.cli run experiments/throughput.toml --jobs 1 \
        --device cuda --out fadelab-out/grid1 --no-report &
    t grid-1gpu-3proc 200 env CUDA_VISIBLE_DEVICES=1 python3 -m fadelab.cli run experiments/throughput.toml \
@@ -66,7 +70,7 @@ case "${1:-}" in
          --jobs "$j" --no-report --quiet --out "fadelab-out/tp-$j"
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/tp-$j" > "$OUT/tp-$j-status.txt" 2>&1
    done ;;
-*) echo "usage: $0 1|2|3 [sdxl|flux-schnell]|4|5|6" >&2; exit 2 ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5|6" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"

@@ -266,3 +266,36 @@ def test_local_processes_take_the_gpus_the_parent_was_given():
     assert [child_gpu(i, 1, "1") for i in range(3)] == ["1", "1", "1"]  # one GPU, named 1
     assert [child_gpu(i, 2, "2, 3") for i in range(3)] == ["2", "3", "2"]
     assert [child_gpu(i, 2, "GPU-a,GPU-b") for i in range(2)] == ["GPU-a", "GPU-b"]  # UUIDs too
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
+def test_checkpoint_deltas_keep_the_edit_sites_the_probes_read(tmp_path):
+    from fadelab.cells import Context
+    from fadelab.plan import _finetune, checkpoint_sites, compute_edit, edit_site_names
+
+    text = TINY.replace('method = "lora"', 'method = "full"') + """
+[[edit]]
+id = "fact"
+method = "refact"
+type = "Appearance"
+index = 0
+[edit.hparams]
+max_steps = 2
+"""
+    exp = load_experiment(_config(tmp_path, text))
+    ctx = Context(exp, tmp_path / "out", progress=False)
+    erase = compute_edit(ctx, exp.edit("erase"))
+    # the sites are known before the edit runs, and they are the ones it writes
+    assert edit_site_names(ctx, exp.edit("erase")) == erase.delta.sites()
+    fact_sites = edit_site_names(ctx, exp.edit("fact"))
+    assert len(fact_sites) == 1 and re.fullmatch(r"text\.mlp\.\d+\.fc2", fact_sites[0])
+    union = checkpoint_sites(ctx)
+    assert set(union) == set(erase.delta.sites()) | set(fact_sites)
+    ft = _finetune(ctx, exp.finetune("lora"), base_delta=erase.delta)
+    assert ft.steps == [2] and ft.checkpoints[0][1].sites() == erase.delta.sites()
+    assert len(ft.delta.sites()) > len(erase.delta.sites())  # the final delta keeps every site
+    exp.samples["checkpoint_sites"] = "all"
+    assert checkpoint_sites(ctx, erase.delta) is None
+    exp.samples["checkpoint_sites"] = "some"
+    with pytest.raises(FadelabError, match=r"checkpoint_sites = 'some'.*\"edits\" and \"all\""):
+        checkpoint_sites(ctx)
