@@ -10,8 +10,8 @@
 #
 #   1: issue 8: the probe rows alone (hooks --hooks probe). Done in session 8 (2026-12-04, 336 s):
 #      every row with its peak memory, docs/measured/2026-12-04-h200-s8-hooks-probe.*
-#   2: issue 7: sd14.toml --smoke at full size (14 of 40 cells fit in 330 s on an H200,
-#      2026-12-04: repeat the call while warm until status shows 40 done)
+#   2: issue 7: sd14.toml --smoke at full size. Done in session 11 with `2 3` (2026-12-05, H200):
+#      40 of 40 cells and the report in 310 s (docs/measured/2026-12-05-h200-smoke-sd14-jobs3.txt)
 #   3: issue 7: sdxl.toml --smoke at full size (5 of 15 cells in 195 s, 2026-12-04: repeat while
 #      warm). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux-schnell` repeats it)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
@@ -22,6 +22,8 @@
 #      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt)
 #   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
 #      same-call baseline that session 10 had no device time for)
+#   7: issue 8: SD1.4 generation with inductor's max-autotune (never measured: its compile may
+#      take minutes), then the default option set, each against the stock pipeline, 10 batches
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -70,7 +72,9 @@ case "${1:-}" in
          --jobs "$j" --no-report --quiet --out "fadelab-out/tp-$j"
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/tp-$j" > "$OUT/tp-$j-status.txt" 2>&1
    done ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5|6" >&2; exit 2 ;;
+7) t gen-autotune 570 python3 scripts/device_bench.py --parts gen-options --options full+vae-autotune,full+vae \
+       --batches 10 --budget-s 560 --out "$OUT/genat" ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5|6|7" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
