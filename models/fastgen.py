@@ -94,7 +94,9 @@ class FastGenConfig:
             diffusers' `compile_repeated_blocks`: short compile, part of the gain) or "full"
             (the whole denoiser). Applied on CUDA only; on the CPU it is skipped with a log line.
         compile_mode: torch.compile mode: "default", "reduce-overhead" (adds CUDA graphs),
-            "max-autotune-no-cudagraphs" or "max-autotune" (long compiles).
+            "max-autotune-no-cudagraphs" or "max-autotune" (long compiles: SD1.4's UNet at
+            batch 8 had not finished its cold compile after 493 s on an H200, and cuDNN won every
+            convolution it autotuned; docs/measured/2026-12-06-h200-gen-autotune.txt).
         compile_vae: also compile the VAE decoder (CUDA only, with compile_mode).
         channels_last: store the denoiser's and the VAE's conv weights in NHWC (CUDA only).
         conv_1x1_as_mm: let inductor lower 1x1 convolutions to matrix products (a process-wide

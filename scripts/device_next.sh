@@ -22,8 +22,10 @@
 #      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt)
 #   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
 #      same-call baseline that session 10 had no device time for)
-#   7: issue 8: SD1.4 generation with inductor's max-autotune (never measured: its compile may
-#      take minutes), then the default option set, each against the stock pipeline, 10 batches
+#   7: issue 8: SD1.4 generation with inductor's max-autotune, then the default option set, each
+#      against the stock pipeline, 10 batches. Session 12 (2026-12-06, H200) ran the autotune set
+#      alone in 527 s: its cold compile was still autotuning the UNet when the call ended
+#      (docs/measured/2026-12-06-h200-gen-autotune.txt); retry only with a warm inductor cache
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
