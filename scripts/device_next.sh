@@ -22,10 +22,11 @@
 #      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt)
 #   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
 #      same-call baseline that session 10 had no device time for)
-#   7: issue 8: SD1.4 generation with inductor's max-autotune, then the default option set, each
-#      against the stock pipeline, 10 batches. Session 12 (2026-12-06, H200) ran the autotune set
-#      alone in 527 s: its cold compile was still autotuning the UNet when the call ended
-#      (docs/measured/2026-12-06-h200-gen-autotune.txt); retry only with a warm inductor cache
+#   (issue 8, not a call here) SD1.4 generation with inductor's max-autotune: session 12
+#      (2026-12-06, H200) ran `device_bench.py --parts gen-options --options full+vae-autotune`
+#      for 527 s, and its cold compile was still autotuning the UNet when the call ended
+#      (docs/measured/2026-12-06-h200-gen-autotune.txt). One 10-minute call on a fresh machine
+#      cannot finish it; a retry needs two calls on one warm machine with --warm-cache
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -74,9 +75,7 @@ case "${1:-}" in
          --jobs "$j" --no-report --quiet --out "fadelab-out/tp-$j"
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/tp-$j" > "$OUT/tp-$j-status.txt" 2>&1
    done ;;
-7) t gen-autotune 570 python3 scripts/device_bench.py --parts gen-options --options full+vae-autotune,full+vae \
-       --batches 10 --budget-s 560 --out "$OUT/genat" ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5|6|7" >&2; exit 2 ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5|6" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
