@@ -298,8 +298,8 @@ def _delta_norms(st):
     mat = np.full((len(variants), len(sites)), np.nan)
     for i, v in enumerate(variants):
         for s in st.sites(v):
-            d = st.read_delta(v, s, dense=True)
-            mat[i, sites.index(s)] = float(np.linalg.norm(np.asarray(d, np.float64)))
+            d = st.read_delta(v, s, dense=True)  # bfloat16 when [samples] delta_dtype says so
+            mat[i, sites.index(s)] = float(np.linalg.norm(d.double().numpy()))
     return variants, sites, mat
 
 

@@ -81,14 +81,23 @@ def set_image_size(model, pixels: int) -> None:
 
 # -- deltas in the store ---------------------------------------------------------------------------
 
-def save_delta(st, variant: str, delta, step: int | None = None) -> None:
+def save_delta(st, variant: str, delta, step: int | None = None, dtype: str | None = None) -> None:
     """Write every site of a WeightDelta under `variant` (and `step`), keeping its provenance;
-    the sites commit together (`Store.batch`)."""
+    the sites commit together (`Store.batch`). `dtype` ("bfloat16", "float32") casts every
+    tensor (factors of a low-rank delta each) before it is written; None keeps the delta's."""
+    import torch
+
     attrs = {"provenance": json.dumps(delta.provenance, default=str, sort_keys=True)}
+    cast = getattr(torch, dtype) if dtype else None
+
+    def out(t):
+        t = t.detach()
+        return (t.to(cast) if cast is not None else t).cpu()
+
     with st.batch():
         for site in delta.sites():
             update = delta.deltas[site]
-            value = tuple(t.detach().cpu() for t in update) if isinstance(update, tuple) else update.detach().cpu()
+            value = tuple(out(t) for t in update) if isinstance(update, tuple) else out(update)
             st.require_delta(variant, site, value, step=step, attrs=attrs)
 
 
@@ -102,12 +111,13 @@ def save_edit(st, edit_id: str, variant: str, result) -> None:
     st.require_array(f"edit_info/{edit_id}", np.array(info))
 
 
-def save_finetune(st, variant: str, delta, checkpoints, loss, loss_key: str) -> None:
-    """Write a fine-tune: the final delta and every (step, delta) checkpoint under `variant`, and
-    the loss curve under /loss/<loss_key>."""
-    save_delta(st, variant, delta)
+def save_finetune(st, variant: str, delta, checkpoints, loss, loss_key: str,
+                  dtype: str | None = None) -> None:
+    """Write a fine-tune: the final delta and every (step, delta) checkpoint under `variant` (in
+    `dtype`, see save_delta), and the loss curve under /loss/<loss_key>."""
+    save_delta(st, variant, delta, dtype=dtype)
     for step, d in checkpoints:
-        save_delta(st, variant, d, step=int(step))
+        save_delta(st, variant, d, step=int(step), dtype=dtype)
     loss = np.asarray(loss, np.float64)
     if loss.size and not st.is_complete(f"/loss/{loss_key}"):
         st.create_loss(loss_key, np.arange(1, loss.size + 1), {"loss": loss})

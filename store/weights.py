@@ -88,12 +88,17 @@ class WeightsMixin:
 
     def read_delta(self, variant: str, site: str, step: int | None = None, *,
                    dense: bool = False):
-        """The stored delta as torch tensors: dW, or (B, A); ``dense=True`` returns B @ A."""
+        """The stored delta as torch tensors: dW, or (B, A); ``dense=True`` returns B @ A
+        (multiplied in float32 when the factors are stored in 16 bits)."""
         path = self.delta_path(variant, site, step)
         got = self._get(path, as_torch=True)
         if isinstance(got, dict):
             b, a = got["B"], got["A"]
-            return b @ a if dense else (b, a)
+            if not dense:
+                return b, a
+            if b.dtype.itemsize < 4:
+                b, a = b.float(), a.float()
+            return b @ a
         return got
 
     def delta_attrs(self, variant: str, site: str, step: int | None = None) -> dict:

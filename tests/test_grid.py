@@ -299,3 +299,45 @@ max_steps = 2
     exp.samples["checkpoint_sites"] = "some"
     with pytest.raises(FadelabError, match=r"checkpoint_sites = 'some'.*\"edits\" and \"all\""):
         checkpoint_sites(ctx)
+
+
+def test_finetune_deltas_can_be_stored_in_bfloat16(tmp_path):
+    import torch
+
+    from analysis.report import _delta_norms
+    from fadelab.cells import Context, load_delta, save_finetune
+    from fadelab.plan import delta_dtype
+    from models import WeightDelta
+    from store import Store
+
+    exp = load_experiment(_config(tmp_path))
+    ctx = Context(exp, tmp_path / "out", progress=False)
+    assert delta_dtype(ctx) == "float32"  # the default
+    exp.samples["delta_dtype"] = "float16"
+    with pytest.raises(FadelabError, match=r"delta_dtype = 'float16'.*\"float32\" and \"bfloat16\""):
+        delta_dtype(ctx)
+    exp.samples["delta_dtype"] = "bfloat16"
+    assert delta_dtype(ctx) == "bfloat16"
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(6, 5, generator=g) * 1e-5  # a fine-tune's scale: bfloat16 keeps fp32's range
+    b, a = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    final = WeightDelta({"x.dense": dense, "x.lora": (b, a)}, {"method": "full"})
+    ckpt = WeightDelta({"x.dense": dense / 2})
+    with Store.open(tmp_path / "c.h5", "a") as st:
+        save_finetune(st, "M_ft/full", final, [(3, ckpt)], [1.0, 0.5], "M_ft.full", dtype="bfloat16")
+    with Store.open(tmp_path / "c.h5", "r") as st:
+        got = load_delta(st, "M_ft/full")
+        assert got.deltas["x.dense"].dtype == torch.bfloat16
+        assert torch.equal(got.deltas["x.dense"], dense.to(torch.bfloat16))
+        assert torch.equal(got.deltas["x.lora"][0], b.to(torch.bfloat16))
+        rel = (got.deltas["x.dense"].float() - dense).abs().max() / dense.abs().max()
+        assert 0 < rel <= 2 ** -8  # rounded, by at most half a bfloat16 ulp
+        assert torch.equal(st.read_delta("M_ft/full", "x.dense", 3), (dense / 2).to(torch.bfloat16))
+        # low-rank factors stored in 16 bits multiply out in float32
+        dense_lora = st.read_delta("M_ft/full", "x.lora", dense=True)
+        assert dense_lora.dtype == torch.float32
+        assert torch.equal(dense_lora, b.to(torch.bfloat16).float() @ a.to(torch.bfloat16).float())
+        variants, sites, norms = _delta_norms(st)  # the report's heatmap reads them
+        assert variants == ["M_ft/full"] and norms.shape == (1, 2)
+        assert norms[0, sites.index("x.dense")] == pytest.approx(float(dense.norm()), rel=4e-3)
