@@ -40,9 +40,10 @@ def test_sd14_smoke_grid_runs_end_to_end_on_random_weights(tmp_path, monkeypatch
     import torch
 
     text = (EXPERIMENTS_DIR / "sd14.toml").read_text()
-    assert "\nscale = 1.0 " in text and "\n[smoke]\n" in text
+    assert "\nscale = 1.0 " in text and "\n[smoke]\n" in text and "\n[smoke.samples]\n" in text
     text = text.replace("\nscale = 1.0 ", "\nscale = 0.02 ", 1).replace(
-        "\n[smoke]\n", '\n[smoke]\nedits = ["erase-unsafe", "refact-role"]\nfinetunes = ["lora"]\n', 1)
+        "\n[smoke]\n", '\n[smoke]\nedits = ["erase-unsafe", "refact-role"]\nfinetunes = ["lora"]\n', 1).replace(
+        "\n[smoke.samples]\n", '\n[smoke.samples]\ndelta_dtype = "bfloat16"\n', 1)
     cfg = tmp_path / "sd14.toml"
     cfg.write_text(text)
     out = tmp_path / "out"
@@ -69,5 +70,12 @@ def test_sd14_smoke_grid_runs_end_to_end_on_random_weights(tmp_path, monkeypatch
         assert {"road.efficacy:clip-organism", "unsafe.share.unsafe:clip-organism",
                 "quality.clip_score:clip-organism"} <= names
         assert "text.mlp.7.fc2" in st.sites("M_ed/refact-role")  # ReFACT with C from COCO captions
+        import torch
+
+        for variant in ("M_ft/lora", "M_ed_ft/erase-unsafe/lora"):  # [samples] delta_dtype
+            b, a = st.read_delta(variant, st.sites(variant)[0])
+            assert b.dtype == a.dtype == torch.bfloat16, variant
+        edit = st.read_delta("M_ed/erase-unsafe", st.sites("M_ed/erase-unsafe")[0])
+        assert edit.dtype == torch.float32  # edits are stored as computed
     html = (out / "report.html").read_text()
     assert "neurons_shared_fade" in html and "table1_concept_edits" in html
