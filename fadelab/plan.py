@@ -461,11 +461,39 @@ def delta_dtype(ctx) -> str:
     return value
 
 
+def delta_bytes(st, variant: str, deltas, dtype: str) -> int:
+    """Bytes that `deltas` ((step or None, WeightDelta) pairs) add to store `st` under `variant`
+    in `dtype`: sites already complete there (a resumed cell) count nothing."""
+    import torch
+
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return sum(t.numel() * size for step, d in deltas for site, u in d.deltas.items()
+               if not st.has_delta(variant, site, step)
+               for t in (u if isinstance(u, tuple) else (u,)))
+
+
+def check_disk(st, need: int, what: str, hint: str = "") -> None:
+    """Raise a one-line FadelabError when the store's folder has less than `need` bytes free, so
+    a cell stops before HDF5 fails half-way through a write."""
+    import shutil
+
+    free = shutil.disk_usage(Path(st.path).resolve().parent).free
+    if need > free:
+        def size(n):
+            return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+        raise FadelabError(f"{what} needs {size(need)} on disk and {Path(st.path).parent} has "
+                           f"{size(free)} free{hint}")
+
+
 def _write_finetune(ctx, st, ft_key: str, variant: str, result) -> None:
     from fadelab.cells import save_finetune
 
-    save_finetune(st, variant, result.delta, result.checkpoints, result.loss, ft_key,
-                  dtype=delta_dtype(ctx))
+    dtype = delta_dtype(ctx)
+    hint = "; free space, or store deltas in bfloat16 ([samples] delta_dtype)" if dtype == "float32" else ""
+    pending = [(None, result.delta), *((int(k), d) for k, d in result.checkpoints)]
+    check_disk(st, delta_bytes(st, variant, pending, dtype), f"the fine-tune's delta for {variant}", hint)
+    save_finetune(st, variant, result.delta, result.checkpoints, result.loss, ft_key, dtype=dtype)
 
 
 # -- the four cell kinds ---------------------------------------------------------------------------

@@ -341,3 +341,35 @@ def test_finetune_deltas_can_be_stored_in_bfloat16(tmp_path):
         variants, sites, norms = _delta_norms(st)  # the report's heatmap reads them
         assert variants == ["M_ft/full"] and norms.shape == (1, 2)
         assert norms[0, sites.index("x.dense")] == pytest.approx(float(dense.norm()), rel=4e-3)
+
+
+def test_a_finetune_too_large_for_the_disk_stops_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    import torch
+
+    from fadelab import plan
+    from fadelab.cells import Context
+    from models import WeightDelta
+    from store import Store
+
+    exp = load_experiment(_config(tmp_path))
+    ctx = Context(exp, tmp_path / "out", progress=False)
+    delta = WeightDelta({"x": torch.ones(1000, 250)})  # 1 MB in float32
+    result = SimpleNamespace(delta=delta, checkpoints=[(2, WeightDelta({"x": torch.ones(1000, 250)}))],
+                             loss=[1.0])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 0, 1_500_000))
+    with Store.open(tmp_path / "c.h5", "a") as st:
+        assert plan.delta_bytes(st, "M_ft/a", [(None, delta), (2, delta)], "float32") == 2_000_000
+        with pytest.raises(FadelabError, match=r"M_ft/a needs 2\.0 MB on disk and .* has 1\.5 MB free; "
+                                               r"free space, or store deltas in bfloat16"):
+            plan._write_finetune(ctx, st, "k", "M_ft/a", result)
+        assert st.variants() == []  # nothing half-written
+        exp.samples["delta_dtype"] = "bfloat16"  # 1 MB in all: it fits
+        plan._write_finetune(ctx, st, "k", "M_ft/a", result)
+        assert st.variants() == ["M_ft/a"]
+        # a resumed cell counts only what is missing
+        assert plan.delta_bytes(st, "M_ft/a", [(None, delta), (2, delta)], "bfloat16") == 0
