@@ -151,7 +151,10 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     assert main(["status", str(cfg), "--out", str(out)]) == 0  # each cell's wall time, from its mark
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{exp.name}: 4/4 cells done") and "s of cell time" in lines[0]
-    assert all(re.match(r"\s+done\s+\d+\.\d s ", line) for line in lines[1:]), lines
+    assert re.search(r"cell stores \d+\.\d\d GB, \d+\.\d GB free\)$", lines[0]), lines[0]
+    assert all(re.match(r"\s+done\s+\d+\.\d s\s+\d+\.\d\d GB ", line) for line in lines[1:]), lines
+    sizes = sum(float(line.split(" s ")[1].split("GB")[0]) for line in lines[1:])
+    assert sizes == pytest.approx(sum(p.stat().st_size for p in (out / "cells").glob("*.h5")) / 1e9, abs=0.02)
     # the merged store reads like one store, through links into the cell files
     from store import Store
 

@@ -11,12 +11,20 @@ def cmd_status(args) -> int:
     exp = load_experiment(args.config, smoke=True if args.smoke else None)
     rows = status(exp, Path(args.out))
     seconds = [cell_seconds(cell_path(args.out, c), c) if s == "done" else None for c, s in rows]
+    import shutil
+
     done = sum(s == "done" for _, s in rows)
     total = sum(x for x in seconds if x is not None)
-    print(f"{exp.name}: {done}/{len(rows)} cells done in {args.out} ({total:,.0f} s of cell time)")
-    for (cell, state), sec in zip(rows, seconds):
+    sizes = [cell_path(args.out, c).stat().st_size if s != "missing" else None for c, s in rows]
+    on_disk = sum(x for x in sizes if x is not None)
+    out = Path(args.out)
+    free = shutil.disk_usage(out if out.exists() else Path(".")).free
+    print(f"{exp.name}: {done}/{len(rows)} cells done in {args.out} ({total:,.0f} s of cell time; "
+          f"cell stores {on_disk / 1e9:.2f} GB, {free / 1e9:.1f} GB free)")
+    for (cell, state), sec, size in zip(rows, seconds, sizes):
         took = f"{sec:8.1f} s" if sec is not None else " " * 10
-        print(f"  {state:8s} {took} {cell.variant:40s} {cell.id}")
+        gb = f"{size / 1e9:7.2f} GB" if size is not None else " " * 10
+        print(f"  {state:8s} {took} {gb} {cell.variant:40s} {cell.id}")
     return 0
 
 
@@ -31,7 +39,8 @@ def cmd_merge(args) -> int:
 def register(sub) -> None:
     """Add `status` and `merge` to the `fadelab` parser."""
     s = sub.add_parser("status", help="which cells of a grid are done",
-                       description="List every cell of the experiment with done / partial / missing.")
+                       description="List every cell of the experiment with done / partial / missing, its "
+                                   "wall time and the size of its store, and the disk left.")
     s.add_argument("config", nargs="?", default=None,
                    help="experiment TOML or a shipped name (default: organism)")
     s.add_argument("--out", default="fadelab-out", help="the run's output folder")
