@@ -16,8 +16,9 @@
 #      warm). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux-schnell` repeats it)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
 #      processes side by side, then on two GPUs (--jobs 2)
-#   5: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200) from an empty
-#      folder, 560 s; repeat while warm until status shows 50 done, then the report is written.
+#   5 [SECONDS]: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200)
+#      from an empty folder, for SECONDS (default 560); repeat while warm until status shows 50
+#      done, then the report is written.
 #      Session 10 (2026-12-05, H100, before DeviceProdigy and the batched label writes): 41 of 50
 #      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt)
 #   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
@@ -67,7 +68,7 @@ case "${1:-}" in
    for d in grid1 grid1x3 grid2; do
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/$d" > "$OUT/$d-status.txt" 2>&1
    done ;;
-5) t main 560 python3 -m fadelab.cli run --device cuda --quiet --out fadelab-out/main
+5) t main "${2:-560}" python3 -m fadelab.cli run --device cuda --quiet --out fadelab-out/main
    python3 -m fadelab.cli status --out fadelab-out/main > "$OUT/main-status.txt" 2>&1
    cp fadelab-out/main/report.html "$OUT/" 2>/dev/null ;;
 6) for j in 1 auto; do
@@ -75,7 +76,7 @@ case "${1:-}" in
          --jobs "$j" --no-report --quiet --out "fadelab-out/tp-$j"
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/tp-$j" > "$OUT/tp-$j-status.txt" 2>&1
    done ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5|6" >&2; exit 2 ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
