@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
@@ -11,8 +12,6 @@ def cmd_status(args) -> int:
     exp = load_experiment(args.config, smoke=True if args.smoke else None)
     rows = status(exp, Path(args.out))
     seconds = [cell_seconds(cell_path(args.out, c), c) if s == "done" else None for c, s in rows]
-    import shutil
-
     done = sum(s == "done" for _, s in rows)
     total = sum(x for x in seconds if x is not None)
     sizes = [cell_path(args.out, c).stat().st_size if s != "missing" else None for c, s in rows]
