@@ -397,8 +397,8 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
     Every top-level path that only one cell wrote becomes an external link into that cell's
     file (relative, so the folder can move); paths several cells share (e.g. /metrics/M_ed)
     become groups (with the first owner's attributes) whose children are linked. A dataset
-    several cells wrote (an edit x fine-tune cell re-evaluates M_ed, deterministically, to pair
-    its Delta) is linked to the first of them in grid order. Rebuilt from scratch and renamed into place, so a merge that is
+    several cells wrote (an edit x fine-tune cell evaluates M_ed again, on the same images, to
+    pair its Delta) is linked to the first of them in grid order. Rebuilt from scratch and renamed into place, so a merge that is
     interrupted leaves the previous one. Raises FadelabError when cells are not done, unless
     `allow_partial` (then only finished cells are joined).
     """
@@ -435,7 +435,7 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
             own = sorted(owners[path])
             if len(own) == 1 or kinds[path] == "dataset":
                 # one owner, or a deterministic copy several cells wrote (an edit x fine-tune
-                # cell re-evaluates its M_ed to pair the Delta): the first cell in grid order
+                # cell evaluates its M_ed again to pair the Delta): the first cell in grid order
                 f[path] = h5py.ExternalLink(os.path.relpath(files[own[0]], out), path)
             else:
                 group = f.create_group(path)

@@ -582,11 +582,41 @@ def edit_finetune_cell(ctx, cell, st) -> None:
             st.require_metric(f"M_reed/{tail}", "cost.reedit_rel_norm",
                               _rel_norm(again.delta, d_ed), attrs={"kind": "cost"})
         suites = suites_for(ctx, [cell.edit])
+        reuse_edit_images(ctx, st, cell.edit, suites)
         _evaluate(ctx, st, variants, suites, pairs=pairs)
         if ctx.exp.probes.get("weights", True):
             _weight_probes(ctx, st, cell, d_ed, keys, ft)
         if ctx.exp.probes.get("neurons", False):
             _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, table)
+
+
+def reuse_edit_images(ctx, st, edit_id: str, suites) -> int:
+    """Copy M_ed/<edit>'s images of `suites` from the edit's finished cell into this cell's store,
+    so the Delta of every edit x fine-tune cell is paired against the one M_ed sample the edit
+    cell drew instead of generating it again (M_ed is the same model with the same prompts and
+    seeds; the judges still label the copies here). Returns the number of image sets copied; 0
+    when the edit cell is not done yet (the images are then generated, as they always were)."""
+    from fadelab.grid import cell_done, cell_path, cells
+    from store import Store
+
+    owner = next(c for c in cells(ctx.exp) if c.kind == "edit" and c.edit == edit_id)
+    path = cell_path(ctx.out, owner)
+    if not cell_done(path, owner):
+        return 0
+    copied = 0
+    with Store.open(path, "r") as src:
+        for suite in suites:
+            if st.has_images(owner.variant, suite.name) or not src.has_images(owner.variant, suite.name):
+                continue
+            got = src.read_images(owner.variant, suite.name)
+            if list(got["prompt"]) != list(suite.prompts) or [int(x) for x in got["seed"]] != list(suite.seeds):
+                continue  # another sample (a changed config): generate it here
+            st.create_images(owner.variant, suite.name, got["pixels"], list(got["prompt"]), got["seed"],
+                             attrs={"suite": suite.kind, "copied_from": owner.id})
+            copied += 1
+    if copied:
+        log.info("M_ed/%s: %d image sets copied from cell %s", edit_id, copied, owner.id)
+    return copied
 
 
 def _rel_norm(a, b) -> float:

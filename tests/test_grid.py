@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from fadelab.cli import main
@@ -416,3 +417,32 @@ def test_weight_probes_run_on_the_cells_device(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         plan._weight_probes(ctx, None, SimpleNamespace(edit="e", finetune="f"), d_ed, {}, ft)
     assert seen["device"] == "cuda:1"
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
+def test_edit_finetune_cells_reuse_the_edit_cells_images(tmp_path):
+    from store import Store
+    from store.core import get_attrs
+
+    from fadelab.cells import Context, run_cell
+
+    cfg = _config(tmp_path, TINY.replace("neurons = true", "neurons = false"))
+    out = tmp_path / "out"
+    exp = load_experiment(cfg)
+    ctx = Context(exp, out, progress=False)
+    edit = next(c for c in cells(exp) if c.kind == "edit")
+    both = next(c for c in cells(exp) if c.kind == "edit_finetune")
+    run_cell(ctx, edit)
+    ctx._cache.clear()  # as in another process: the edit comes back from its cell's store
+    run_cell(ctx, both)
+    with Store.open(cell_path(out, edit), "r") as src, Store.open(cell_path(out, both), "r") as st:
+        names = [n for n in st.h5["images"]["M_ed"]["erase"]]
+        assert names and sorted(names) == sorted(src.h5["images"]["M_ed"]["erase"])
+        for n in names:
+            assert get_attrs(st.h5[f"/images/M_ed/erase/{n}"]).get("copied_from") == edit.id
+            a, b = src.read_images("M_ed/erase", n), st.read_images("M_ed/erase", n)
+            assert np.array_equal(a["pixels"], b["pixels"]) and list(a["seed"]) == list(b["seed"])
+        # the copies were judged here, and the pair's Delta was computed against them
+        metrics = st.metric_entries()
+        assert any(m["variant"] == "M_ed/erase" for m in metrics)
+        assert any(m["variant"] == "M_ed_ft/erase/lora" and m["name"].startswith("Delta.") for m in metrics)
