@@ -634,10 +634,7 @@ def _weight_probes(ctx, st, cell, d_ed, keys, ft) -> None:
 
     sites = [s for s in d_ed.sites() if s in set(ft.delta.sites())] or d_ed.sites()
     base = snapshot(ctx.model, [s for s in sites if "." in s])
-    # on the run's device: UCE's delta and an edit read back from its cell's store are on the
-    # CPU, and the probes follow their first delta's device by default (SDXL's 140 sites took
-    # 2-4 s each there)
-    cfg = WeightProbeConfig(k=int(ctx.exp.probes.get("subspace_k", 8)), device=str(ctx.device))
+    cfg = WeightProbeConfig(k=int(ctx.exp.probes.get("subspace_k", 8)))  # on the model's device
     final, steps = probe_weights_final_and_steps(base, d_ed, ft.delta, ft.checkpoints, keys, cfg, sites=sites)
     names = [m for m in SCALARS if m in final]
     table = np.stack([final[m].values for m in names])  # (metric, site)

@@ -92,7 +92,8 @@ class WeightProbeConfig:
         intruder_side: "left" (output space, as the reference script) or "right".
         intruders: compute intruder dimensions (two full SVDs per site; needs base weights).
         dtype: "float64" (default; exact references) or "float32" (faster on a GPU).
-        device: where the linear algebra runs, e.g. "cuda"; None keeps each tensor's device.
+        device: where the linear algebra runs, e.g. "cuda"; None: where the base weights are (the
+            model's device), else where the first delta is.
     """
 
     k: int = 8
@@ -418,9 +419,14 @@ def _sites(base_weights, d_ed, deltas_ft: Iterable, sites) -> list[str]:
     return list(order)
 
 
-def _device(cfg: WeightProbeConfig, d_ed, d_fts) -> torch.device:
+def _device(cfg: WeightProbeConfig, base_weights, d_ed, d_fts) -> torch.device:
     if cfg.device is not None:
         return torch.device(cfg.device)
+    # the model's device first: UCE keeps its delta on the CPU, and an edit read back from a
+    # store is there too (SDXL's 140 sites took 2-4 s each on the CPU beside an idle H100)
+    for w in (base_weights or {}).values():
+        if isinstance(w, torch.Tensor):
+            return w.device
     for d in (d_ed, *d_fts):
         if d is not None and d.deltas:
             first = next(iter(d.deltas.values()))
@@ -495,7 +501,7 @@ def probe_weights_steps(base_weights: Mapping[str, Tensor] | None, d_ed: Any,
     if not steps:
         raise FadelabError("d_ft_steps is empty: pass {step: WeightDelta} with at least one checkpoint")
     names = _sites(base_weights, d_ed, [d for _, d in steps], sites)
-    dev, dt = _device(config, d_ed, [d for _, d in steps]), config.torch_dtype
+    dev, dt = _device(config, base_weights, d_ed, [d for _, d in steps]), config.torch_dtype
     rows: list[list[dict]] = [[] for _ in steps]
     with torch.no_grad():
         for site in tqdm(names, desc="weight probes", unit="site", leave=False):

@@ -380,46 +380,6 @@ def test_a_finetune_too_large_for_the_disk_stops_before_writing(tmp_path, monkey
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
-def test_weight_probes_run_on_the_cells_device(tmp_path, monkeypatch):
-    # an edit read back from its cell's store lives on the CPU; the probes must still run where
-    # the cell runs (on a GPU, SDXL's 140 sites took 2-4 s each on the CPU instead)
-    from types import SimpleNamespace
-
-    import torch
-
-    import probes.weights as pw
-    from fadelab import plan
-    from fadelab.cells import Context
-    from models import WeightDelta
-
-    exp = load_experiment(_config(tmp_path))
-    ctx = Context(exp, tmp_path / "out", device="cpu", progress=False)
-    site = "unet.xattn.0.to_k"
-    from models import snapshot
-
-    shape = snapshot(ctx.model, [site])[site].shape
-    d_ed = WeightDelta({site: torch.zeros(shape)})
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake(base, d_ed, d_ft, checkpoints, keys, cfg, sites):
-        seen["device"] = cfg.device
-        raise Stop
-
-    monkeypatch.setattr(pw, "probe_weights_final_and_steps", fake)
-    ft = SimpleNamespace(delta=d_ed, checkpoints=[])
-    with pytest.raises(Stop):
-        plan._weight_probes(ctx, None, SimpleNamespace(edit="e", finetune="f"), d_ed, {}, ft)
-    assert seen["device"] == "cpu"
-    ctx.device = "cuda:1"
-    with pytest.raises(Stop):
-        plan._weight_probes(ctx, None, SimpleNamespace(edit="e", finetune="f"), d_ed, {}, ft)
-    assert seen["device"] == "cuda:1"
-
-
-@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
 def test_edit_finetune_cells_reuse_the_edit_cells_images(tmp_path):
     from store import Store
     from store.core import get_attrs

@@ -261,3 +261,15 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     path.write_text("kk = 3\n")
     with pytest.raises(FadelabError, match="unknown weight-probe settings"):
         pw.WeightProbeConfig.from_file(path)
+
+
+def test_probes_run_where_the_base_weights_are():
+    # UCE keeps its delta on the CPU and an edit read back from a store is there too; the probes
+    # must run on the model's device (the base weights') all the same, unless told otherwise
+    _device, WeightProbeConfig = pw._device, pw.WeightProbeConfig
+    on_cpu = WeightDelta({"s": torch.zeros(3, 2)})
+    base = {"s": torch.empty(3, 2, device="meta")}  # a device other than the deltas'
+    assert _device(WeightProbeConfig(), base, on_cpu, [on_cpu]) == torch.device("meta")
+    assert _device(WeightProbeConfig(device="cpu"), base, on_cpu, [on_cpu]) == torch.device("cpu")
+    assert _device(WeightProbeConfig(), None, None, [WeightDelta({"s": base["s"]})]) == torch.device("meta")
+    assert _device(WeightProbeConfig(), None, None, []) == torch.device("cpu")
