@@ -4,6 +4,7 @@ What it offers:
     Context(exp, out, device, code_version)   one loaded base model per process, shared by cells
     run_cell(ctx, cell)                       run one cell into out/cells/<id>.h5, mark it done
     save_delta(st, variant, delta, step) / load_delta(st, variant, step)   WeightDelta <-> store
+    finished_edit_cell(ctx, edit_id)          the edit's cell when it is done (its store is readable)
 
 Every cell works on the one base model in `ctx.model`; variants are deltas applied in place with
 `models.apply_delta`, which restores the base weights bit for bit when the block ends, also on
@@ -146,6 +147,12 @@ def _open_cell(ctx: Context, cell: Cell):
                       description=f"fadelab cell {cell.id}: {cell.variant}")
 
 
+def finished_edit_cell(ctx: Context, edit_id: str) -> Cell | None:
+    """The grid's cell for edit `edit_id` when it is done (its store can be read), else None."""
+    owner = next(c for c in cells(ctx.exp) if c.kind == "edit" and c.edit == edit_id)
+    return owner if cell_done(cell_path(ctx.out, owner), owner) else None
+
+
 def edit_of(ctx: Context, edit_id: str):
     """The edit's EditResult-like pair (delta, keys): from the finished edit cell's store when it
     exists, else recomputed here (edits are deterministic for a given seed)."""
@@ -154,10 +161,9 @@ def edit_of(ctx: Context, edit_id: str):
         return ctx._cache[key]
     from store import Store
 
-    owner = next(c for c in cells(ctx.exp) if c.kind == "edit" and c.edit == edit_id)
-    path = cell_path(ctx.out, owner)
-    if cell_done(path, owner):
-        with Store.open(path, "r") as st:
+    owner = finished_edit_cell(ctx, edit_id)
+    if owner is not None:
+        with Store.open(cell_path(ctx.out, owner), "r") as st:
             delta = load_delta(st, owner.variant)
             keys = st.edit_keys(edit_id)  # shared keys; per-site ones in EditResult's layout:
             for site in delta.sites():

@@ -596,15 +596,15 @@ def reuse_edit_images(ctx, st, edit_id: str, suites) -> int:
     cell drew instead of generating it again (M_ed is the same model with the same prompts and
     seeds; the judges still label the copies here). Returns the number of image sets copied; 0
     when the edit cell is not done yet (the images are then generated, as they always were)."""
-    from fadelab.grid import cell_done, cell_path, cells
+    from fadelab.cells import finished_edit_cell
+    from fadelab.grid import cell_path
     from store import Store
 
-    owner = next(c for c in cells(ctx.exp) if c.kind == "edit" and c.edit == edit_id)
-    path = cell_path(ctx.out, owner)
-    if not cell_done(path, owner):
+    owner = finished_edit_cell(ctx, edit_id)
+    if owner is None:
         return 0
     copied = 0
-    with Store.open(path, "r") as src:
+    with Store.open(cell_path(ctx.out, owner), "r") as src:
         for suite in suites:
             if st.has_images(owner.variant, suite.name) or not src.has_images(owner.variant, suite.name):
                 continue
