@@ -60,9 +60,10 @@ case "${1:-}" in
 1) t hooks-probe 450 python3 scripts/device_bench.py --parts hooks --hooks probe --out "$OUT/hooksprobe" \
        --budget-s 430 ;;
 2) smoke sd14 540 "${2:-1}" ;;
-3) # JOBS default: 2 on a card of more than 100 GB (an H200), else 1 (SDXL peaked at 79 GB on an H100)
+3) # JOBS default: 2 on a card of more than 100 GB (an H200), else 1 (SDXL peaked at 79 GB on an H100);
+   # SMOKE_S (default 540) is the run's limit in seconds
    mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-   smoke "${2:-sdxl}" 540 "${3:-$([ "${mem:-0}" -gt 100000 ] && echo 2 || echo 1)}" ;;
+   smoke "${2:-sdxl}" "${SMOKE_S:-540}" "${3:-$([ "${mem:-0}" -gt 100000 ] && echo 2 || echo 1)}" ;;
 4) t grid-1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 -m fadelab.cli run experiments/throughput.toml --jobs 1 \
        --device cuda --out fadelab-out/grid1 --no-report &
    t grid-1gpu-3proc 200 env CUDA_VISIBLE_DEVICES=1 python3 -m fadelab.cli run experiments/throughput.toml \
