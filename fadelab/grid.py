@@ -244,6 +244,9 @@ def load_experiment(path: str | os.PathLike | None = None, smoke: bool | None = 
     dtype = str(head.get("dtype", "float32"))
     if dtype not in ("float32", "bfloat16", "float16"):
         raise FadelabError(f"{path}: [experiment] dtype = {dtype!r}; accepted: float32, bfloat16, float16")
+    ws = raw.get("probes", {}).get("weight_sites", 0)
+    if isinstance(ws, bool) or not isinstance(ws, int) or ws < 0:
+        raise FadelabError(f"{path}: [probes] weight_sites = {ws!r}; give 0 (every site) or a positive integer")
     edits = _tables(raw, "edit", EDIT_METHODS, str(path))
     finetunes = _expand_ranks(_tables(raw, "finetune", FINETUNE_METHODS, str(path)),
                               raw.get("ablation", {}), str(path))

@@ -90,10 +90,27 @@ def test_organism_config_expands_the_rank_ablation():
     ("[[edit]]\nid = 'a'\nmethod = 'refact'\n[[edit]]\nid = 'a'\nmethod = 'refact'\n", "used twice"),
     ("[[finetune]]\nid = 'x y'\nmethod = 'full'\n", "id 'x y'"),
     ("[ablation]\nlora_ranks = [0]\n", "lora_ranks"),
+    ("[probes]\nweight_sites = -2\n", "weight_sites = -2"),
+    ("[probes]\nweight_sites = 'all'\n", "weight_sites = 'all'"),
 ])
 def test_bad_configs_name_the_value(tmp_path, text, match):
     with pytest.raises(FadelabError, match=match):
         load_experiment(_config(tmp_path, text))
+
+
+def test_probe_sites_spreads_a_cap_evenly_and_keeps_order():
+    from fadelab.plan import probe_sites
+
+    sites = [f"s{i}" for i in range(140)]
+    assert probe_sites(sites, 0) == sites and probe_sites(sites, 200) == sites
+    got = probe_sites(sites, 12)
+    assert len(got) == 12 == len(set(got)) and got[0] == "s0" and got[-1] == "s139"
+    assert got == sorted(got, key=sites.index)
+    gaps = np.diff([sites.index(s) for s in got])
+    assert gaps.max() - gaps.min() <= 1  # evenly spread, not the first 12
+    assert probe_sites(sites, 1) == ["s0"]
+    with pytest.raises(FadelabError, match="weight_sites=-1"):
+        probe_sites(sites, -1)
 
 
 def test_bad_shard_and_missing_config(tmp_path, capsys):
