@@ -50,8 +50,16 @@ smoke() {  # smoke FAMILY SECONDS [JOBS]: the family's grid at full size on rand
            # processes on the one GPU (default 1; SD1.4's full fine-tuning cell peaks near 25 GiB)
   [ -f .bench-data/RoAD_test.csv ] || { echo "[smoke-$1] skipped: carry .bench-data" | tee -a "$OUT/lanes.txt"; return; }
   nvidia-smi --query-gpu=memory.used --format=csv,noheader -l 5 > "$OUT/smoke-$1-gpumem.txt" 2>&1 & local mon=$!
-  t "smoke-$1" "$2" python3 -m fadelab.cli run "experiments/$1.toml" --smoke --device cuda --quiet \
-      --jobs "${3:-1}" --out "fadelab-out/smoke-$1"
+  if [ -n "${PROFILE:-}" ] && [ "${3:-1}" = 1 ]; then  # one process, in this one: cProfile to $OUT/smoke-$1.prof;
+    # SIGINT at the limit, so the profile is written (cProfile dumps in a finally)
+    t "smoke-$1" "$(( $2 + 20 ))" timeout -s INT -k 15 "$2" python3 -m cProfile -o "$OUT/smoke-$1.prof" \
+        -m fadelab.cli run "experiments/$1.toml" --smoke --device cuda --quiet --jobs 1 --out "fadelab-out/smoke-$1"
+    python3 -c "import pstats,sys; p=pstats.Stats(sys.argv[1]); p.sort_stats('cumulative').print_stats(70); p.sort_stats('tottime').print_stats(40)" \
+        "$OUT/smoke-$1.prof" > "$OUT/smoke-$1-profile.txt" 2>&1
+  else
+    t "smoke-$1" "$2" python3 -m fadelab.cli run "experiments/$1.toml" --smoke --device cuda --quiet \
+        --jobs "${3:-1}" --out "fadelab-out/smoke-$1"
+  fi
   kill $mon 2>/dev/null
   python3 -m fadelab.cli status "experiments/$1.toml" --smoke --out "fadelab-out/smoke-$1" > "$OUT/smoke-$1-status.txt" 2>&1
   df -h . >> "$OUT/smoke-$1-status.txt"; du -sh "fadelab-out/smoke-$1" >> "$OUT/smoke-$1-status.txt"
@@ -61,7 +69,7 @@ case "${1:-}" in
        --budget-s 430 ;;
 2) smoke sd14 540 "${2:-1}" ;;
 3) # JOBS default: 2 on a card of more than 100 GB (an H200), else 1 (SDXL peaked at 79 GB on an H100);
-   # SMOKE_S (default 540) is the run's limit in seconds
+   # SMOKE_S (default 540) is the run's limit in seconds; PROFILE=1 runs one process under cProfile
    mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
    smoke "${2:-sdxl}" "${SMOKE_S:-540}" "${3:-$([ "${mem:-0}" -gt 100000 ] && echo 2 || echo 1)}" ;;
 4) t grid-1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 -m fadelab.cli run experiments/throughput.toml --jobs 1 \
