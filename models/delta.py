@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from models.errors import FadelabError
-from models.sites import resolve_many, sites_matching
+from models.sites import _raw, resolve_many, site_map, sites_matching
 
 log = logging.getLogger(__name__)
 
@@ -191,41 +191,33 @@ def _parameters(model: Any, sites: list[str]) -> dict[str, Tensor]:
     """site -> the tensor it names: the module's `.weight`, or, for "<module site>.<name>" that is
     not itself a module, the module's own parameter `name`.
 
+    The site table is read once; only a site that names nothing pays for the error message (a
+    full fine-tune's delta has over a thousand bias and norm sites, and looking each one up as a
+    module first cost a failed lookup with its close-match search apiece: 0.9 s per apply on SDXL).
     Raises FadelabError for a site that names neither (the message of the module lookup), or a
     module without a weight.
     """
-    try:
-        modules = resolve_many(model, sites)
-    except FadelabError:  # some site names a parameter: resolve site by site
-        modules = None
+    table = site_map(model)
+
+    def module_at(site: str) -> nn.Module | None:
+        path = table.get(site)
+        module = _raw(model, path) if path is not None else None
+        return module if module is not None else _raw(model, site)
+
     out: dict[str, Tensor] = {}
     for site in sites:
-        if modules is not None:
-            module, name = modules[site], "weight"
-        else:
-            module, name = _module_or_parameter(model, site)
+        module, name = module_at(site), "weight"
+        if module is None:
+            owner, _, name = site.rpartition(".")
+            module = module_at(owner) if owner else None
+            if module is None or name not in dict(module.named_parameters(recurse=False)):
+                resolve_many(model, [site])  # raises, naming close sites
         tensor = getattr(module, name, None)
         if not isinstance(tensor, Tensor):
             what = "a weight" if name == "weight" else f"a parameter {name!r}"
             raise FadelabError(f"site {site!r} resolves to a {type(module).__name__} without {what}")
         out[site] = tensor
     return out
-
-
-def _module_or_parameter(model: Any, site: str) -> tuple[nn.Module, str]:
-    """(module, "weight") when `site` is a module, else (owner, name) for "<owner site>.<name>"."""
-    try:
-        return resolve_many(model, [site])[site], "weight"
-    except FadelabError as err:
-        owner, _, name = site.rpartition(".")
-        if owner:
-            try:
-                module = resolve_many(model, [owner])[owner]
-            except FadelabError:
-                raise err from None
-            if name in dict(module.named_parameters(recurse=False)):
-                return module, name
-        raise
 
 
 def _target_weights(model: Any, delta: WeightDelta) -> list[tuple[str, nn.Parameter]]:

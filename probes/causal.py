@@ -36,25 +36,15 @@ from torch import Tensor
 from models.delta import WeightDelta
 from models.errors import FadelabError
 from probes.weights import edit_input_keys
+from probes.weights_linalg import BasisCache, row_basis
 
 log = logging.getLogger(__name__)
 
 SPACES = ("keys", "row")
 
 
-def _orth(rows: Tensor, rtol: float) -> Tensor:
-    """Orthonormal basis (n, k) of the span of `rows` (r, n), dropping directions with singular
-    value below rtol * sigma_max."""
-    rows = rows.double()
-    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return rows.new_zeros((rows.shape[1], 0))
-    k = int((s > rtol * s[0]).sum())
-    return vh[:k].T.contiguous()
-
-
 def edit_basis(d_ed: WeightDelta, keys: Mapping[str, Any] | None, site: str, space: str = "keys",
-               rtol: float = 1e-6) -> Tensor:
+               rtol: float = 1e-6, bases: BasisCache | None = None) -> Tensor:
     """Q (n_in, k), float64, orthonormal columns spanning the edit's input subspace at `site`.
 
     space "keys": span of the edit's key rows there (UCE c_e, ReFACT k*; probes.weights reads
@@ -70,7 +60,9 @@ def edit_basis(d_ed: WeightDelta, keys: Mapping[str, Any] | None, site: str, spa
     if dw.ndim != 2:
         raise FadelabError(f"site {site!r}: the edit subspace needs a 2-D weight, got shape {tuple(dw.shape)}")
     rows = edit_input_keys(keys, site, dw.shape[1]) if space == "keys" else None
-    return _orth(dw if rows is None else rows.double(), rtol)
+    if rows is None:
+        return row_basis(dw, rtol).contiguous()
+    return (bases if bases is not None else BasisCache())(rows, rtol, dtype=torch.float64).contiguous()
 
 
 def project_grad(grad: Tensor, q: Tensor) -> Tensor:
@@ -88,12 +80,13 @@ def project_out(d_ft: WeightDelta, d_ed: WeightDelta, keys: Mapping[str, Any] | 
     projection. The result is float32.
     """
     out: dict[str, Any] = {}
+    bases = BasisCache()
     for site in d_ft.sites():
         update = d_ft.deltas[site]
         if site not in d_ed.deltas:
             out[site] = update
             continue
-        q = edit_basis(d_ed, keys, site, space)
+        q = edit_basis(d_ed, keys, site, space, bases=bases)
         if isinstance(update, tuple):
             b, a = update
             out[site] = (b.float(), project_grad(a.float(), q))
@@ -107,5 +100,6 @@ def gradient_projector(d_ed: WeightDelta, keys: Mapping[str, Any] | None = None,
                        space: str = "keys") -> dict[str, Tensor]:
     """{site: Q} for every 2-D site of the edit; a fine-tuning loop applies
     `project_grad(weight.grad, Q)` after backward, so the update never enters the subspace."""
-    return {site: edit_basis(d_ed, keys, site, space) for site in d_ed.sites()
+    bases = BasisCache()
+    return {site: edit_basis(d_ed, keys, site, space, bases=bases) for site in d_ed.sites()
             if d_ed.dense(site).ndim == 2}

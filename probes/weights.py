@@ -309,7 +309,7 @@ class _EditSite:
 
 
 def _edit_site(site: str, w: Tensor | None, ed: Update | None, keys: Mapping | None,
-               cfg: WeightProbeConfig, dev, dt) -> _EditSite:
+               cfg: WeightProbeConfig, dev, dt, bases: la.BasisCache | None = None) -> _EditSite:
     e = _EditSite(ed=ed)
     if ed is not None:
         u, s, vh = la.thin_svd(ed)
@@ -321,7 +321,7 @@ def _edit_site(site: str, w: Tensor | None, ed: Update | None, keys: Mapping | N
         k = edit_input_keys(keys, site, la.shape(ed)[1])
         if k is not None:
             e.keys = k.to(device=dev, dtype=dt)
-            e.q_keys = la.row_basis(e.keys, cfg.rank_rtol)
+            e.q_keys = (bases if bases is not None else la.BasisCache())(k, cfg.rank_rtol, dev, dt)
     if cfg.intruders and w is not None:
         w0 = w.detach().to(device=dev, dtype=dt)
         e.w_pre = w0 if ed is None else w0 + la.dense(ed)
@@ -503,13 +503,14 @@ def probe_weights_steps(base_weights: Mapping[str, Tensor] | None, d_ed: Any,
     names = _sites(base_weights, d_ed, [d for _, d in steps], sites)
     dev, dt = _device(config, base_weights, d_ed, [d for _, d in steps]), config.torch_dtype
     rows: list[list[dict]] = [[] for _ in steps]
+    bases = la.BasisCache()  # shared keys (UCE's c_e) are factored once, not once per site
     with torch.no_grad():
         for site in tqdm(names, desc="weight probes", unit="site", leave=False):
             w = None if base_weights is None else _as_tensor(base_weights[site])
             ed = _delta_update(d_ed, site, dev, dt)
             if w is not None and ed is not None and tuple(w.shape) != la.shape(ed):
                 raise FadelabError(f"site {site!r}: dW_ed has shape {la.shape(ed)}, the base weight {tuple(w.shape)}")
-            e = _edit_site(site, w, ed, keys, config, dev, dt)
+            e = _edit_site(site, w, ed, keys, config, dev, dt, bases)
             w_norm = math.nan if w is None else float(torch.linalg.matrix_norm(w.to(dt)))
             for i, (_, d_ft) in enumerate(steps):
                 ft = _delta_update(d_ft, site, dev, dt)

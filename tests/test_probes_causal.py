@@ -62,3 +62,19 @@ def test_bad_input_names_the_value():
         edit_basis(d_ed, keys, "a", "cols")
     with pytest.raises(FadelabError, match="site 'zzz'"):
         edit_basis(d_ed, keys, "zzz")
+
+
+def test_a_shared_key_is_factored_once_and_per_site_keys_each_time():
+    from probes.weights_linalg import BasisCache, row_basis
+
+    d_ed, _, keys = _pair(3)
+    bases = BasisCache()
+    qa, qb = edit_basis(d_ed, keys, "a", bases=bases), edit_basis(d_ed, keys, "b", bases=bases)
+    assert len(bases) == 1 and torch.equal(qa, qb)  # one c_e for both sites: one factorisation
+    assert torch.allclose(qa @ qa.T, row_basis(keys["c_e"].double(), 1e-6) @ row_basis(keys["c_e"].double(), 1e-6).T)
+    own = {"c_e:a": keys["c_e"], "c_e:b": keys["c_e"].clone()}  # equal values, separate storage
+    bases = BasisCache()
+    edit_basis(d_ed, own, "a", bases=bases), edit_basis(d_ed, own, "b", bases=bases)
+    assert len(bases) == 2
+    # the cached answer is the one an uncached call gives
+    assert torch.equal(edit_basis(d_ed, keys, "a"), qa)
