@@ -12,10 +12,10 @@
 #      every row with its peak memory, docs/measured/2026-12-04-h200-s8-hooks-probe.*
 #   2: issue 7: sd14.toml --smoke at full size. Done in session 11 with `2 3` (2026-12-05, H200):
 #      40 of 40 cells and the report in 310 s (docs/measured/2026-12-05-h200-smoke-sd14-jobs3.txt)
-#   3: issue 7: sdxl.toml --smoke at full size (5 of 15 cells in 195 s, 2026-12-04; 7 of 15 in
-#      330 s on an H100 with bfloat16 deltas, 2026-12-06, its GPU memory peak 79 GB: one process
-#      on an H100, 2 on an H200; repeat while warm). flux-schnell.toml --smoke ran all 6 cells on
-#      2026-12-04 (`3 flux-schnell` repeats it)
+#   3: issue 7: sdxl.toml --smoke at full size. Done in session 15 (2026-12-06, one H100, one
+#      process, SMOKE_S=545): all 15 cells and the report in 397 s, after BasisCache (earlier: 5 of
+#      15 in 195 s, 2026-12-04; 7 of 15 in 330 s, GPU memory peak 79 GB: one process on an H100,
+#      2 on an H200). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux-schnell`)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
 #      processes side by side, then on two GPUs (--jobs 2)
 #   5 [SECONDS]: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200)
