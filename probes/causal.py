@@ -56,12 +56,12 @@ def edit_basis(d_ed: WeightDelta, keys: Mapping[str, Any] | None, site: str, spa
         raise FadelabError(f"space {space!r}: accepted are {', '.join(SPACES)}")
     if site not in d_ed.deltas:
         raise FadelabError(f"site {site!r} is not part of the edit (its sites: {d_ed.sites()[:4]} ...)")
-    dw = d_ed.dense(site).double()
+    dw = d_ed.dense(site)  # float64 only where its row space is the basis: keys need its width alone
     if dw.ndim != 2:
         raise FadelabError(f"site {site!r}: the edit subspace needs a 2-D weight, got shape {tuple(dw.shape)}")
     rows = edit_input_keys(keys, site, dw.shape[1]) if space == "keys" else None
     if rows is None:
-        return row_basis(dw, rtol).contiguous()
+        return row_basis(dw.double(), rtol).contiguous()
     return (bases if bases is not None else BasisCache())(rows, rtol, dtype=torch.float64).contiguous()
 
 
