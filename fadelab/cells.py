@@ -2,6 +2,7 @@
 
 What it offers:
     Context(exp, out, device, code_version)   one loaded base model per process, shared by cells
+    ctx.stage(name)                           time a block as one of the running cell's stages
     run_cell(ctx, cell)                       run one cell into out/cells/<id>.h5, mark it done
     save_delta(st, variant, delta, step) / load_delta(st, variant, step)   WeightDelta <-> store
     finished_edit_cell(ctx, edit_id)          the edit's cell when it is done (its store is readable)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ class Context:
     progress: bool = True
     _model: Any = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+    _stages: dict = field(default_factory=dict, repr=False)
 
     @property
     def model(self):
@@ -58,6 +61,22 @@ class Context:
             if self.exp.image_size:
                 set_image_size(self._model, self.exp.image_size)
         return self._model
+
+    @contextmanager
+    def stage(self, name: str):
+        """Add the block's wall seconds to the running cell's stage `name` (run_cell keeps them
+        with the cell's done mark; `fadelab status --stages` shows them). On a GPU the block
+        ends with a synchronize, so queued kernels count where they were launched."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device != "cpu":
+                import torch
+
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
+            self._stages[name] = self._stages.get(name, 0.0) + time.perf_counter() - t0
 
     def cache(self, key: str, make):
         """A per-process memo (judges, datasets, statistics) keyed by name."""
@@ -186,9 +205,12 @@ def run_cell(ctx: Context, cell: Cell) -> None:
     from fadelab import plan
 
     t0 = time.time()
+    ctx._stages = {}
     with _open_cell(ctx, cell) as st:
         {"base": plan.base_cell, "edit": plan.edit_cell, "finetune": plan.finetune_cell,
          "edit_finetune": plan.edit_finetune_cell}[cell.kind](ctx, cell, st)
+        stages = [[k, round(v, 2)] for k, v in ctx._stages.items()]  # pairs: the order they ran
         st.require_array(done_mark(cell), np.array([time.time() - t0]),
-                         attrs={"variant": cell.variant, "device": ctx.device})
+                         attrs={"variant": cell.variant, "device": ctx.device,
+                                "stages": stages})
     log.info("cell %s done in %.1f s", cell.id, time.time() - t0)

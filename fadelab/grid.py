@@ -8,6 +8,7 @@ What it offers:
     parse_shard("i/n"), shard(cells, i, n)   one slice of the grid for one process or array task
     cell_path(out, cell), cell_done(path)     where a cell writes, and whether it finished
     status(exp, out)                     done / partial / missing per cell
+    cell_seconds(path, cell), cell_timing(path, cell)   a done cell's wall seconds (and stages)
     merge(exp, out)                      DIR/experiment.h5: one store joining every cell file by
                                          HDF5 external links (no array is copied)
 
@@ -353,6 +354,15 @@ def cell_done(path: str | os.PathLike, cell: Cell) -> bool:
 
 def cell_seconds(path: str | os.PathLike, cell: Cell) -> float | None:
     """The wall seconds a done cell took (its completion mark holds them); None if not done."""
+    timing = cell_timing(path, cell)
+    return None if timing is None else timing[0]
+
+
+def cell_timing(path: str | os.PathLike, cell: Cell) -> tuple[float, dict[str, float]] | None:
+    """(wall seconds, {stage: seconds}) of a done cell, from its completion mark; the stages
+    (edit, finetune, write, evaluate, order_swap, re_edit, project_out, weight_probes,
+    neuron_probes: `Context.stage`) are {} for cells marked before they were recorded, and the
+    wall time less their sum is set-up (model, judges, data) and bookkeeping. None if not done."""
     from store import Store, StoreError
 
     if not Path(path).exists():
@@ -361,7 +371,8 @@ def cell_seconds(path: str | os.PathLike, cell: Cell) -> float | None:
         with Store.open(path, "r") as st:  # one open: the mark's completeness, then its value
             if not st.is_complete(f"/arrays/{done_mark(cell)}"):
                 return None
-            return float(st.read_array(done_mark(cell))[0])
+            stages = st.array_attrs(done_mark(cell)).get("stages") or []
+            return float(st.read_array(done_mark(cell))[0]), {k: float(v) for k, v in stages}
     except (StoreError, KeyError, IndexError):
         return None
 

@@ -500,28 +500,34 @@ def _write_finetune(ctx, st, ft_key: str, variant: str, result) -> None:
 
 def base_cell(ctx, cell, st) -> None:
     suites = suites_for(ctx, [e["id"] for e in ctx.exp.edits])
-    _evaluate(ctx, st, {"M": None}, suites, pairs=[])
+    with ctx.stage("evaluate"):
+        _evaluate(ctx, st, {"M": None}, suites, pairs=[])
 
 
 def edit_cell(ctx, cell, st) -> None:
     from fadelab.cells import save_edit
 
     t0 = time.time()
-    result = compute_edit(ctx, ctx.exp.edit(cell.edit))
+    with ctx.stage("edit"):
+        result = compute_edit(ctx, ctx.exp.edit(cell.edit))
     seconds = time.time() - t0
-    save_edit(st, cell.edit, cell.variant, result)
+    with ctx.stage("write"):
+        save_edit(st, cell.edit, cell.variant, result)
     st.require_metric(cell.variant, "cost.edit_seconds", seconds, attrs={"kind": "cost"})
     ctx._cache[f"edit:{cell.edit}"] = (result.delta, result.keys)
-    _evaluate(ctx, st, {cell.variant: result.delta}, suites_for(ctx, [cell.edit]), pairs=[])
+    with ctx.stage("evaluate"):
+        _evaluate(ctx, st, {cell.variant: result.delta}, suites_for(ctx, [cell.edit]), pairs=[])
 
 
 def finetune_cell(ctx, cell, st) -> None:
     t0 = time.time()
-    result = _finetune(ctx, ctx.exp.finetune(cell.finetune))
-    _write_finetune(ctx, st, f"M_ft.{cell.finetune}", cell.variant, result)
+    with ctx.stage("finetune"):
+        result = _finetune(ctx, ctx.exp.finetune(cell.finetune))
+    with ctx.stage("write"):
+        _write_finetune(ctx, st, f"M_ft.{cell.finetune}", cell.variant, result)
     st.require_metric(cell.variant, "cost.finetune_seconds", time.time() - t0, attrs={"kind": "cost"})
     suites = suites_for(ctx, [e["id"] for e in ctx.exp.edits])
-    with _ft_context(ctx, result):
+    with _ft_context(ctx, result), ctx.stage("evaluate"):
         _evaluate(ctx, st, {cell.variant: result.delta}, suites, pairs=[])
 
 
@@ -544,11 +550,14 @@ def _ft_context(ctx, ft):
 def edit_finetune_cell(ctx, cell, st) -> None:
     from fadelab.cells import edit_of
 
-    d_ed, keys = edit_of(ctx, cell.edit)
+    with ctx.stage("edit"):  # read from the edit's cell, or recomputed when it is not done yet
+        d_ed, keys = edit_of(ctx, cell.edit)
     table = ctx.exp.finetune(cell.finetune)
     t0 = time.time()
-    ft = _finetune(ctx, table, base_delta=d_ed)
-    _write_finetune(ctx, st, f"M_ed_ft.{cell.edit}.{cell.finetune}", cell.variant, ft)
+    with ctx.stage("finetune"):
+        ft = _finetune(ctx, table, base_delta=d_ed)
+    with ctx.stage("write"):
+        _write_finetune(ctx, st, f"M_ed_ft.{cell.edit}.{cell.finetune}", cell.variant, ft)
     st.require_metric(cell.variant, "cost.finetune_seconds", time.time() - t0, attrs={"kind": "cost"})
     with _ft_context(ctx, ft):  # textual inversion: its placeholder token exists inside
         ed_name = f"M_ed/{cell.edit}"
@@ -559,13 +568,14 @@ def edit_finetune_cell(ctx, cell, st) -> None:
         if "project-out" in causal:
             from probes.causal import project_out
 
-            variants[f"M_cf/{tail}"] = d_ed + project_out(ft.delta, d_ed, keys)
+            with ctx.stage("project_out"):
+                variants[f"M_cf/{tail}"] = d_ed + project_out(ft.delta, d_ed, keys)
             pairs.append((ed_name, f"M_cf/{tail}"))
         edit_table = ctx.exp.edit(cell.edit)
         if "order-swap" in causal:
             from models import apply_delta
 
-            with apply_delta(ctx.model, ft.delta):
+            with ctx.stage("order_swap"), apply_delta(ctx.model, ft.delta):
                 swapped = compute_edit(ctx, edit_table, fresh_stats=True)
             variants[f"M_swap/{tail}"] = ft.delta + swapped.delta
             pairs.append((ed_name, f"M_swap/{tail}"))
@@ -573,7 +583,7 @@ def edit_finetune_cell(ctx, cell, st) -> None:
             from models import apply_delta
 
             t1 = time.time()
-            with apply_delta(ctx.model, d_ed + ft.delta):
+            with ctx.stage("re_edit"), apply_delta(ctx.model, d_ed + ft.delta):
                 again = compute_edit(ctx, edit_table, fresh_stats=True)
             cost = time.time() - t1
             variants[f"M_reed/{tail}"] = d_ed + ft.delta + again.delta
@@ -582,12 +592,15 @@ def edit_finetune_cell(ctx, cell, st) -> None:
             st.require_metric(f"M_reed/{tail}", "cost.reedit_rel_norm",
                               _rel_norm(again.delta, d_ed), attrs={"kind": "cost"})
         suites = suites_for(ctx, [cell.edit])
-        reuse_edit_images(ctx, st, cell.edit, suites)
-        _evaluate(ctx, st, variants, suites, pairs=pairs)
+        with ctx.stage("evaluate"):
+            reuse_edit_images(ctx, st, cell.edit, suites)
+            _evaluate(ctx, st, variants, suites, pairs=pairs)
         if ctx.exp.probes.get("weights", True):
-            _weight_probes(ctx, st, cell, d_ed, keys, ft)
+            with ctx.stage("weight_probes"):
+                _weight_probes(ctx, st, cell, d_ed, keys, ft)
         if ctx.exp.probes.get("neurons", False):
-            _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, table)
+            with ctx.stage("neuron_probes"):
+                _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, table)
 
 
 def reuse_edit_images(ctx, st, edit_id: str, suites) -> int:

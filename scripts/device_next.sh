@@ -61,7 +61,7 @@ smoke() {  # smoke FAMILY SECONDS [JOBS]: the family's grid at full size on rand
         --jobs "${3:-1}" --out "fadelab-out/smoke-$1"
   fi
   kill $mon 2>/dev/null
-  python3 -m fadelab.cli status "experiments/$1.toml" --smoke --out "fadelab-out/smoke-$1" > "$OUT/smoke-$1-status.txt" 2>&1
+  python3 -m fadelab.cli status "experiments/$1.toml" --smoke --stages --out "fadelab-out/smoke-$1" > "$OUT/smoke-$1-status.txt" 2>&1
   df -h . >> "$OUT/smoke-$1-status.txt"; du -sh "fadelab-out/smoke-$1" >> "$OUT/smoke-$1-status.txt"
 }
 case "${1:-}" in
@@ -83,7 +83,7 @@ case "${1:-}" in
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/$d" > "$OUT/$d-status.txt" 2>&1
    done ;;
 5) t main "${2:-560}" python3 -m fadelab.cli run --device cuda --quiet --out fadelab-out/main
-   python3 -m fadelab.cli status --out fadelab-out/main > "$OUT/main-status.txt" 2>&1
+   python3 -m fadelab.cli status --stages --out fadelab-out/main > "$OUT/main-status.txt" 2>&1
    cp fadelab-out/main/report.html "$OUT/" 2>/dev/null ;;
 6) for j in 1 auto; do
      t "throughput-jobs-$j" 270 python3 -m fadelab.cli run experiments/throughput.toml --device cuda \

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fadelab.cli import main
-from fadelab.grid import cell_path, cells, load_experiment, merge, parse_shard, shard, status
+from fadelab.grid import cell_path, cell_timing, cells, load_experiment, merge, parse_shard, shard, status
 from models.errors import FadelabError
 from models.organism.nets import WEIGHTS_DIR
 
@@ -173,6 +173,18 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     assert all(re.match(r"\s+done\s+\d+\.\d s\s+\d+\.\d\d GB ", line) for line in lines[1:]), lines
     sizes = sum(float(line.split(" s ")[1].split("GB")[0]) for line in lines[1:])
     assert sizes == pytest.approx(sum(p.stat().st_size for p in (out / "cells").glob("*.h5")) / 1e9, abs=0.02)
+    # --stages: where each cell's time went, in the order the stages ran, within its wall time
+    assert main(["status", str(cfg), "--out", str(out), "--stages"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("stages over the done cells: ") and "finetune " in lines[1], lines[1]
+    ef = next(c for c in cells(exp) if c.kind == "edit_finetune")
+    wall, stages = cell_timing(cell_path(out, ef), ef)
+    assert list(stages) == ["edit", "finetune", "write", "project_out", "evaluate", "weight_probes",
+                            "neuron_probes"]
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= wall
+    line = next(x for x in lines if ef.id in x)
+    assert re.search(r"  edit \d+\.\d ft \d+\.\d write \d+\.\d cf \d+\.\d eval \d+\.\d "
+                     r"wprobe \d+\.\d nprobe \d+\.\d other \d+\.\d$", line), line
     # the merged store reads like one store, through links into the cell files
     from store import Store
 
