@@ -93,7 +93,8 @@ class WeightProbeConfig:
         intruders: compute intruder dimensions (two full SVDs per site; needs base weights).
         dtype: "float64" (default; exact references) or "float32" (faster on a GPU).
         device: where the linear algebra runs, e.g. "cuda"; None: where the base weights are (the
-            model's device), else where the first delta is.
+            model's device), else where the first delta is, except that a site of at most
+            CPU_MAX_NUMEL weights is probed on the CPU (see there).
     """
 
     k: int = 8
@@ -419,6 +420,30 @@ def _sites(base_weights, d_ed, deltas_ft: Iterable, sites) -> list[str]:
     return list(order)
 
 
+#: With `device` None, a site of at most this many weights (a 256 x 512 matrix) is probed on the
+#: CPU whatever device the model is on. The organism's sites (64 x 128 UCE keys and values, its
+#: 128 x 512 ReFACT layer) took 2.6 s per site on one H100 shared by the main job's 8 processes,
+#: in the cells with dense fine-tuning deltas (60-68 s of weight probes each, 2026-12-06), and
+#: 0.03 s on one core of this CPU: every small SVD and scalar read waits its turn on the busy
+#: GPU. Real families' sites are all larger (SD1.4's smallest, 320 x 768, has 245,760) and stay
+#: on the model's device, where SDXL's are faster than on the CPU.
+CPU_MAX_NUMEL = 1 << 17
+
+
+def _site_device(cfg: WeightProbeConfig, dev: torch.device, w, d_ed, d_fts, site: str) -> torch.device:
+    """`dev`, or the CPU for a small site when the config names no device (CPU_MAX_NUMEL)."""
+    if cfg.device is not None or dev.type == "cpu":
+        return dev
+    shape = tuple(w.shape) if w is not None else None
+    for d in (d_ed, *d_fts):
+        if shape is None and d is not None and site in d.deltas:
+            u = d.deltas[site]
+            shape = (u[0].shape[0], u[1].shape[1]) if isinstance(u, tuple) else tuple(u.shape)
+    if shape is not None and len(shape) == 2 and shape[0] * shape[1] <= CPU_MAX_NUMEL:
+        return torch.device("cpu")
+    return dev
+
+
 def _device(cfg: WeightProbeConfig, base_weights, d_ed, d_fts) -> torch.device:
     if cfg.device is not None:
         return torch.device(cfg.device)
@@ -502,16 +527,18 @@ def probe_weights_steps(base_weights: Mapping[str, Tensor] | None, d_ed: Any,
         raise FadelabError("d_ft_steps is empty: pass {step: WeightDelta} with at least one checkpoint")
     names = _sites(base_weights, d_ed, [d for _, d in steps], sites)
     dev, dt = _device(config, base_weights, d_ed, [d for _, d in steps]), config.torch_dtype
+    model_dev = dev
     rows: list[list[dict]] = [[] for _ in steps]
     bases = la.BasisCache()  # shared keys (UCE's c_e) are factored once, not once per site
     with torch.no_grad():
         for site in tqdm(names, desc="weight probes", unit="site", leave=False):
             w = None if base_weights is None else _as_tensor(base_weights[site])
+            dev = _site_device(config, model_dev, w, d_ed, [d for _, d in steps], site)
             ed = _delta_update(d_ed, site, dev, dt)
             if w is not None and ed is not None and tuple(w.shape) != la.shape(ed):
                 raise FadelabError(f"site {site!r}: dW_ed has shape {la.shape(ed)}, the base weight {tuple(w.shape)}")
             e = _edit_site(site, w, ed, keys, config, dev, dt, bases)
-            w_norm = math.nan if w is None else float(torch.linalg.matrix_norm(w.to(dt)))
+            w_norm = math.nan if w is None else float(torch.linalg.matrix_norm(w.to(device=dev, dtype=dt)))
             for i, (_, d_ft) in enumerate(steps):
                 ft = _delta_update(d_ft, site, dev, dt)
                 want = la.shape(ed) if ed is not None else None if w is None else tuple(w.shape)

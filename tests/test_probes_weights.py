@@ -273,3 +273,20 @@ def test_probes_run_where_the_base_weights_are():
     assert _device(WeightProbeConfig(device="cpu"), base, on_cpu, [on_cpu]) == torch.device("cpu")
     assert _device(WeightProbeConfig(), None, None, [WeightDelta({"s": base["s"]})]) == torch.device("meta")
     assert _device(WeightProbeConfig(), None, None, []) == torch.device("cpu")
+
+
+def test_small_sites_are_probed_on_the_cpu_unless_a_device_is_named():
+    # a busy GPU makes every small SVD wait its turn (the organism's 64 x 128 sites: 2.6 s each on
+    # an H100 shared by 8 processes, 0.03 s on one CPU core); large sites stay on the model's device
+    site_device, WeightProbeConfig, cap = pw._site_device, pw.WeightProbeConfig, pw.CPU_MAX_NUMEL
+    meta = torch.device("meta")
+    small, large = torch.empty(64, 128, device="meta"), torch.empty(cap // 64 + 1, 64, device="meta")
+    assert site_device(WeightProbeConfig(), meta, small, None, [], "s") == torch.device("cpu")
+    assert site_device(WeightProbeConfig(), meta, large, None, [], "s") == meta
+    assert site_device(WeightProbeConfig(device="meta"), meta, small, None, [], "s") == meta
+    # without base weights the shape comes from the first delta at the site, factors included
+    lora = WeightDelta({"s": (torch.zeros(cap // 8 + 8, 2), torch.zeros(2, 8))})
+    assert site_device(WeightProbeConfig(), meta, None, None, [lora], "s") == meta
+    lora_small = WeightDelta({"s": (torch.zeros(16, 2), torch.zeros(2, 8))})
+    assert site_device(WeightProbeConfig(), meta, None, lora_small, [], "s") == torch.device("cpu")
+    assert site_device(WeightProbeConfig(), meta, None, None, [], "s") == meta  # unknown shape
