@@ -173,15 +173,52 @@ class WeightDelta:
         return WeightDelta(out, {"method": "scale", "alpha": float(alpha), "parent": self.provenance})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WeightDelta:
-        """A copy on `device` and/or in `dtype` (None keeps each tensor's own)."""
+        """A copy on `device` and/or in `dtype` (None keeps each tensor's own).
 
-        def move(t: Tensor) -> Tensor:
-            return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
-
+        Tensors that change device travel packed: those of one dtype and one source device are
+        joined into one flat buffer that crosses in a single copy and is split into views there
+        (disjoint slices of one storage). A full organism UNet delta is 494 tensors; copied one
+        by one from the CPU each is a blocking transfer, and on a GPU shared by several
+        processes each waits its turn."""
+        flat: list[tuple[str, int, Tensor]] = []  # (site, factor index or -1, tensor)
+        for site, update in self.deltas.items():
+            parts = update if isinstance(update, tuple) else (update,)
+            flat += [(site, i if isinstance(update, tuple) else -1, t) for i, t in enumerate(parts)]
+        target = torch.device(device) if device is not None else None
+        moved: dict[tuple[str, int], Tensor] = {}
+        groups: dict[tuple, list[tuple[str, int, Tensor]]] = {}
+        for site, i, t in flat:
+            want = dtype or t.dtype
+            if target is None or _same_device(t.device, target) or t.numel() == 0:
+                moved[(site, i)] = t.to(device=target or t.device, dtype=want)
+            else:
+                groups.setdefault((t.device, t.dtype, want), []).append((site, i, t))
+        for (_, _, want), members in groups.items():
+            for (site, i, _), piece in zip(members, pack_to([t for _, _, t in members], target, want)):
+                moved[(site, i)] = piece
         out: dict[str, Update] = {}
         for site, update in self.deltas.items():
-            out[site] = (move(update[0]), move(update[1])) if isinstance(update, tuple) else move(update)
+            out[site] = (moved[(site, 0)], moved[(site, 1)]) if isinstance(update, tuple) else moved[(site, -1)]
         return WeightDelta(out, dict(self.provenance))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" names the current CUDA device: it matches "cuda:<current index>"."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type == "cpu":
+        return True
+    current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+def pack_to(tensors: list[Tensor], device: torch.device | str, dtype: torch.dtype) -> list[Tensor]:
+    """`tensors` (one source device) on `device` in `dtype` through one flat buffer: one copy
+    across devices instead of one per tensor. Returns views of that buffer, shapes kept."""
+    if not tensors:
+        return []
+    buffer = torch.cat([t.reshape(-1).to(dtype) for t in tensors]).to(device=device)
+    return [piece.view(t.shape) for t, piece in zip(tensors, buffer.split([t.numel() for t in tensors]))]
 
 
 # -- applying ----------------------------------------------------------------------------------

@@ -26,6 +26,10 @@
 #      Session 13 (2026-12-06, H100): 46 of 50 in 500 s (docs/measured/2026-12-06-h100-mainjob-jobs8.txt)
 #   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
 #      same-call baseline that session 10 had no device time for)
+#   7 [CONFIG [JOBS [SECONDS [OLD]]]]: A/B of a speed change under one load: CONFIG (default
+#      throughput) from this tree and from an older tree in OLD (default oldcode/, made with
+#      `git archive COMMIT | tar -x -C oldcode`; untracked, so it travels), side by side with
+#      JOBS processes each (default 4) on the one GPU; `status --stages` of both
 #   (issue 8, not a call here) SD1.4 generation with inductor's max-autotune: session 12
 #      (2026-12-06, H200) ran `device_bench.py --parts gen-options --options full+vae-autotune`
 #      for 527 s, and its cold compile was still autotuning the UNet when the call ended
@@ -90,7 +94,21 @@ case "${1:-}" in
          --jobs "$j" --no-report --quiet --out "fadelab-out/tp-$j"
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/tp-$j" > "$OUT/tp-$j-status.txt" 2>&1
    done ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6" >&2; exit 2 ;;
+7) # A/B under one load: CONFIG (default throughput) from this tree and from OLD (default oldcode/:
+   # an older commit's tree, `git archive COMMIT | tar -x -C oldcode`, untracked so it travels),
+   # side by side on the one GPU with JOBS processes each (default 4), for SECONDS (default 200)
+   cfg=${2:-throughput}; lim=${4:-200}; old=${5:-oldcode}
+   [ -d "$old/fadelab" ] || { echo "[ab] no older tree in $old" | tee -a "$OUT/lanes.txt"; exit 1; }
+   t "ab-new" "$lim" python3 -m fadelab.cli run "experiments/$cfg.toml" --device cuda --jobs "${3:-4}" \
+       --quiet --no-report --out fadelab-out/ab-new &
+   (cd "$old" && export PYTHONPATH=/tmp/site:$PWD && t "ab-old" "$lim" python3 -m fadelab.cli run "experiments/$cfg.toml" \
+       --device cuda --jobs "${3:-4}" --quiet --no-report --out ../fadelab-out/ab-old) &
+   wait
+   for v in new old; do
+     (cd "$([ $v = old ] && echo "$old" || echo .)" && python3 -m fadelab.cli status "experiments/$cfg.toml" --stages \
+         --out "$([ $v = old ] && echo ../)fadelab-out/ab-$v") > "$OUT/ab-$v-status.txt" 2>&1
+   done ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"

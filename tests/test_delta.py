@@ -138,6 +138,25 @@ def test_scale_and_to():
     assert d.sites() == ["fc", "emb"]
     with pytest.raises(FadelabError, match="'nope'"):
         d.dense("nope")
+    # to another device the tensors travel packed (one buffer per dtype); shapes, dtypes, the
+    # factor layout and the site order are kept ("meta" stands in for a GPU here)
+    mixed = WeightDelta({"fc": (b, a), "emb": torch.ones(10, 6, dtype=torch.bfloat16), "z": torch.zeros(0, 3)})
+    m = mixed.to("meta")
+    assert m.sites() == ["fc", "emb", "z"] and m.is_low_rank("fc") and not m.is_low_rank("emb")
+    assert [t.device.type for t in (*m.deltas["fc"], m.deltas["emb"], m.deltas["z"])] == ["meta"] * 4
+    assert m.deltas["fc"][1].shape == (2, 6) and m.deltas["emb"].dtype == torch.bfloat16
+    assert m.to("meta", torch.float32).deltas["emb"].dtype == torch.float32
+
+
+def test_pack_to_returns_exact_views_of_one_buffer():
+    from models.delta import pack_to
+
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(4, 6, generator=g), torch.randn(3, generator=g), torch.randn(2, 5, generator=g).T]
+    out = pack_to(ts, "cpu", torch.float64)
+    assert all(torch.equal(o, t.double()) for o, t in zip(out, ts))
+    assert len({o.untyped_storage().data_ptr() for o in out}) == 1  # one buffer
+    assert pack_to([], "cpu", torch.float32) == []
 
 
 def test_merge_is_permanent_and_delta_between_recovers_it():

@@ -113,6 +113,25 @@ def test_probe_sites_spreads_a_cap_evenly_and_keeps_order():
         probe_sites(sites, -1)
 
 
+def test_a_cells_deltas_move_to_the_gpu_together_or_not_at_all(monkeypatch):
+    import types
+
+    import torch
+
+    from fadelab import plan
+    from models import WeightDelta
+
+    small = WeightDelta({"a": torch.zeros(4, 4), "b": (torch.zeros(4, 1), torch.zeros(1, 4))})
+    other = WeightDelta({"a": torch.ones(4, 4)})
+    gpu = types.SimpleNamespace(device="meta")  # "meta" stands in for the run's GPU
+    move = plan.device_mover(gpu, small, other)
+    assert move(small).deltas["a"].device.type == "meta" and move(other).deltas["a"].device.type == "meta"
+    assert plan.device_mover(types.SimpleNamespace(device="cpu"), small)(small) is small
+    monkeypatch.setattr(plan, "DEVICE_DELTA_BYTES", 100)  # together over the cap: neither moves
+    move = plan.device_mover(gpu, small, other)
+    assert move(small) is small and move(other) is other
+
+
 def test_bad_shard_and_missing_config(tmp_path, capsys):
     for bad in ("3/3", "a/b", "1/0"):
         with pytest.raises(FadelabError, match="--shard"):
