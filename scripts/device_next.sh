@@ -12,8 +12,9 @@
 #      every row with its peak memory, docs/measured/2026-12-04-h200-s8-hooks-probe.*
 #   2: issue 7: sd14.toml --smoke at full size. Done in session 11 with `2 3` (2026-12-05, H200):
 #      40 of 40 cells and the report in 310 s (docs/measured/2026-12-05-h200-smoke-sd14-jobs3.txt)
-#   3: issue 7: sdxl.toml --smoke at full size. Done in session 15 (2026-12-06, one H100, one
-#      process, SMOKE_S=545): all 15 cells and the report in 397 s, after BasisCache (earlier: 5 of
+#   3: issue 7: sdxl.toml --smoke at full size. Done in session 17 (2026-12-06, one H100, one
+#      process, SMOKE_S=470): all 15 cells and the report in 303 s (docs/measured/
+#      2026-12-06-h100-smoke-sdxl-s17.txt); session 15: the same in 397 s, after BasisCache (earlier: 5 of
 #      15 in 195 s, 2026-12-04; 7 of 15 in 330 s, GPU memory peak 79 GB: one process on an H100,
 #      2 on an H200). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux-schnell`)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
@@ -24,6 +25,10 @@
 #      Session 10 (2026-12-05, H100, before DeviceProdigy and the batched label writes): 41 of 50
 #      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt).
 #      Session 13 (2026-12-06, H100): 46 of 50 in 500 s (docs/measured/2026-12-06-h100-mainjob-jobs8.txt)
+#      Session 17 (2026-12-06, H100, code a6e4aea): all 50 cells in about 476 s, merge and report 42 s
+#      in a second call; status --stages (docs/measured/2026-12-06-h100-mainjob-jobs8-stages.txt).
+#      Not yet measured: the main job after c3cd8e5 (small weight-probe sites on the CPU) and the
+#      packed device copies of a cell's deltas; call 7 is the A/B for them (oldcode/ = a6e4aea)
 #   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
 #      same-call baseline that session 10 had no device time for)
 #   7 [CONFIG [JOBS [SECONDS [OLD]]]]: A/B of a speed change under one load: CONFIG (default
@@ -53,7 +58,7 @@ t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one
 smoke() {  # smoke FAMILY SECONDS [JOBS]: the family's grid at full size on random weights, JOBS
            # processes on the one GPU (default 1; SD1.4's full fine-tuning cell peaks near 25 GiB)
   [ -f .bench-data/RoAD_test.csv ] || { echo "[smoke-$1] skipped: carry .bench-data" | tee -a "$OUT/lanes.txt"; return; }
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader -l 5 > "$OUT/smoke-$1-gpumem.txt" 2>&1 & local mon=$!
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/smoke-$1-gpumem.txt" 2>&1 & local mon=$!
   if [ -n "${PROFILE:-}" ] && [ "${3:-1}" = 1 ]; then  # one process, in this one: cProfile to $OUT/smoke-$1.prof;
     # SIGINT at the limit, so the profile is written (cProfile dumps in a finally)
     t "smoke-$1" "$(( $2 + 20 ))" timeout -s INT -k 15 "$2" python3 -m cProfile -o "$OUT/smoke-$1.prof" \
@@ -86,7 +91,10 @@ case "${1:-}" in
    for d in grid1 grid1x3 grid2; do
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/$d" > "$OUT/$d-status.txt" 2>&1
    done ;;
-5) t main "${2:-560}" python3 -m fadelab.cli run --device cuda --quiet --out fadelab-out/main
+5) # GPU memory and utilisation every 5 s: is the one GPU saturated by the 8 processes?
+   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/main-gpu.txt" 2>&1 & mon=$!
+   t main "${2:-560}" python3 -m fadelab.cli run --device cuda --quiet --out fadelab-out/main
+   kill $mon 2>/dev/null
    python3 -m fadelab.cli status --stages --out fadelab-out/main > "$OUT/main-status.txt" 2>&1
    cp fadelab-out/main/report.html "$OUT/" 2>/dev/null ;;
 6) for j in 1 auto; do
