@@ -137,6 +137,35 @@ def epoch_indices(n: int, start: int, count: int, seed: int) -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+class IndexStream:
+    """`epoch_indices(n, start, count, seed)` as slices of device-resident epochs: each epoch's
+    permutation (the same randperm) crosses to `device` once, not one copy per step. A blocking
+    copy of a CPU tensor to a GPU waits for every kernel queued before it, so a copy per step
+    kept the CPU from queueing the next step ahead of the GPU (three copies per step before:
+    the indices and the batch's share of them twice)."""
+
+    def __init__(self, n: int, seed: int, device: torch.device | str) -> None:
+        self.n, self.seed, self.device = n, seed, torch.device(device)
+        self._epochs: dict[int, Tensor] = {}
+
+    def _epoch(self, epoch: int) -> Tensor:
+        if epoch not in self._epochs:
+            for old in [e for e in self._epochs if e < epoch - 1]:  # a step spans two at most
+                del self._epochs[old]
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self._epochs[epoch] = perm.to(self.device)
+        return self._epochs[epoch]
+
+    def take(self, start: int, count: int) -> Tensor:
+        parts, pos, left = [], start, count
+        while left > 0:
+            epoch, offset = divmod(pos, self.n)
+            k = min(left, self.n - offset)
+            parts.append(self._epoch(epoch)[offset:offset + k])
+            pos, left = pos + k, left - k
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def training_attention(device: torch.device):
     """SDPA without its cuDNN backend on CUDA (flash, memory-efficient and math remain): cuDNN
     attention's backward failed to execute on FLUX at 1024 px near an H100's memory limit
@@ -203,6 +232,12 @@ class _Run:
         self.named = method.named_parameters()
         self.lr = hp.lr * (hp.batch_size * hp.grad_accum * acc.num_processes if hp.scale_lr else 1)
         optimizer = _optimizer(hp, [p for _, p in self.named], self.lr)
+        # every step's indices and its share of the batch, without a copy to the device per step
+        self.streams = [IndexStream(len(source), seed + 7919 * k, self.device) for k, source in enumerate(sources)]
+        per_process, total = hp.batch_size, hp.batch_size * acc.num_processes
+        mine = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+        self.take = torch.cat([torch.arange(k * total, (k + 1) * total)[mine]
+                               for k in range(len(sources))]).to(self.device)
         self.scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
                                        num_training_steps=hp.steps)
         prepared = acc.prepare(*trained.values(), optimizer)  # device placement, DDP wrapping
@@ -259,7 +294,7 @@ class _Run:
         shape = self.objective.latent_shape
         zs, conds, sizes = [], [], []
         for k, source in enumerate(self.sources):
-            idx = epoch_indices(len(source), micro * total, total, self.seed + 7919 * k)[mine].to(self.device)
+            idx = self.streams[k].take(micro * total, total)[mine]
             eps = torch.randn((total, *shape), generator=g, device=self.device)[mine]
             zs.append(source.latents_for(idx, eps))
             conds.append(self._condition(source, idx))
@@ -268,8 +303,7 @@ class _Run:
         cond = tuple(torch.cat(parts) for parts in zip(*conds))
         n = len(self.sources) * total
         eps, t = self.objective.draw(g, n)
-        take = torch.cat([torch.arange(k * total, (k + 1) * total)[mine] for k in range(len(self.sources))])
-        eps, t = eps[take.to(self.device)], t[take.to(self.device)]
+        eps, t = eps[self.take], t[self.take]
         dtype = next(self.denoiser.parameters()).dtype
         per = self.objective.per_sample(self.denoiser_call, z0, eps, t, cond, dtype)  # (B,)
         parts = per.split(sizes)

@@ -14,7 +14,7 @@ from finetuning import hparams as H
 from finetuning import train
 from finetuning.cache import LatentCache, TextCache, encode_pixels
 from finetuning.data import ImageFolder
-from finetuning.loop import epoch_indices
+from finetuning.loop import IndexStream, epoch_indices
 from finetuning.result import NonFiniteLoss
 from models import FadelabError, WeightDelta, apply_delta
 from models.organism import data as organism_data
@@ -122,6 +122,10 @@ def test_epoch_stream_is_permutations_and_chunking_free():
     parts = torch.cat([epoch_indices(7, s, 4, seed=3) for s in range(0, 24, 4)])
     assert torch.equal(parts[:21], full)
     assert not torch.equal(epoch_indices(7, 0, 7, seed=4), full[:7])
+    # the training loop's device-resident stream gives the same indices, in any order of calls
+    stream = IndexStream(7, 3, "cpu")
+    for start, count in [(0, 4), (4, 4), (5, 9), (20, 3), (1, 21), (0, 7)]:
+        assert torch.equal(stream.take(start, count), epoch_indices(7, start, count, seed=3)), (start, count)
 
 
 # --- the organism -----------------------------------------------------------------------------
