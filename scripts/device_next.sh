@@ -33,7 +33,8 @@
 #      same-call baseline that session 10 had no device time for)
 #   7 [CONFIG [JOBS [SECONDS [OLD]]]]: A/B of a speed change under one load: CONFIG (default
 #      throughput) from this tree and from an older tree in OLD (default oldcode/, made with
-#      `git archive COMMIT | tar -x -C oldcode`; untracked, so it travels), side by side with
+#      `mkdir oldcode && git archive COMMIT | tar -x -C oldcode && rm -rf oldcode/{docs,tests}
+#      oldcode/models/organism/weights`; untracked, so it travels), side by side with
 #      JOBS processes each (default 4) on the one GPU; `status --stages` of both
 #   (issue 8, not a call here) SD1.4 generation with inductor's max-autotune: session 12
 #      (2026-12-06, H200) ran `device_bench.py --parts gen-options --options full+vae-autotune`
@@ -107,6 +108,8 @@ case "${1:-}" in
    # side by side on the one GPU with JOBS processes each (default 4), for SECONDS (default 200)
    cfg=${2:-throughput}; lim=${4:-200}; old=${5:-oldcode}
    [ -d "$old/fadelab" ] || { echo "[ab] no older tree in $old" | tee -a "$OUT/lanes.txt"; exit 1; }
+   # the organism's weights travel once, with this tree (a second copy would pass the 64 MiB limit)
+   [ -d "$old/models/organism/weights" ] || cp -r models/organism/weights "$old/models/organism/"
    t "ab-new" "$lim" python3 -m fadelab.cli run "experiments/$cfg.toml" --device cuda --jobs "${3:-4}" \
        --quiet --no-report --out fadelab-out/ab-new &
    (cd "$old" && export PYTHONPATH=/tmp/site:$PWD && t "ab-old" "$lim" python3 -m fadelab.cli run "experiments/$cfg.toml" \
