@@ -132,6 +132,16 @@ def test_a_cells_deltas_move_to_the_gpu_together_or_not_at_all(monkeypatch):
     assert move(small) is small and move(other) is other
 
 
+def test_stage_lines_and_totals():
+    from fadelab.commands.grid import stage_line, stage_totals
+
+    assert stage_line(10.0, {}) == "(no stages recorded)"  # a cell marked before stages existed
+    assert stage_line(10.0, {"finetune": 6.0, "evaluate": 3.0}) == "ft 6.0 eval 3.0 other 1.0"
+    line = stage_totals([(10.0, {"finetune": 6.0, "evaluate": 3.0}), None, (5.0, {"evaluate": 5.0})])
+    assert line == "stages over the done cells: evaluate 8 s (53%), finetune 6 s (40%), other 1 s (7%)"
+    assert stage_totals([None, (3.0, {})]) == "stages: none recorded"
+
+
 def test_bad_shard_and_missing_config(tmp_path, capsys):
     for bad in ("3/3", "a/b", "1/0"):
         with pytest.raises(FadelabError, match="--shard"):
