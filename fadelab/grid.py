@@ -8,7 +8,7 @@ What it offers:
     parse_shard("i/n"), shard(cells, i, n)   one slice of the grid for one process or array task
     cell_path(out, cell), cell_done(path)     where a cell writes, and whether it finished
     status(exp, out)                     done / partial / missing per cell
-    cell_seconds(path, cell), cell_timing(path, cell)   a done cell's wall seconds (and stages)
+    cell_timing(path, cell)              a done cell's wall seconds and its seconds per stage
     merge(exp, out)                      DIR/experiment.h5: one store joining every cell file by
                                          HDF5 external links (no array is copied)
 
@@ -350,12 +350,6 @@ def cell_done(path: str | os.PathLike, cell: Cell) -> bool:
             return st.is_complete(f"/arrays/{done_mark(cell)}")
     except StoreError:
         return False
-
-
-def cell_seconds(path: str | os.PathLike, cell: Cell) -> float | None:
-    """The wall seconds a done cell took (its completion mark holds them); None if not done."""
-    timing = cell_timing(path, cell)
-    return None if timing is None else timing[0]
 
 
 def cell_timing(path: str | os.PathLike, cell: Cell) -> tuple[float, dict[str, float]] | None:

@@ -123,6 +123,11 @@ def _optimizer(hp: TrainHParams, params: list[nn.Parameter], lr: float) -> torch
                              weight_decay=hp.weight_decay)
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """Epoch `epoch`'s order of n items, drawn on the CPU from (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def epoch_indices(n: int, start: int, count: int, seed: int) -> Tensor:
     """Positions [start, start + count) of an endless stream of epochs over n items, each epoch a
     permutation drawn from (seed, epoch)."""
@@ -130,7 +135,7 @@ def epoch_indices(n: int, start: int, count: int, seed: int) -> Tensor:
     pos = start
     while len(out) < count:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        perm = epoch_permutation(n, seed, epoch)
         take = min(count - len(out), n - offset)
         out += perm[offset:offset + take].tolist()
         pos += take
@@ -152,8 +157,7 @@ class IndexStream:
         if epoch not in self._epochs:
             for old in [e for e in self._epochs if e < epoch - 1]:  # a step spans two at most
                 del self._epochs[old]
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            self._epochs[epoch] = perm.to(self.device)
+            self._epochs[epoch] = epoch_permutation(self.n, self.seed, epoch).to(self.device)
         return self._epochs[epoch]
 
     def take(self, start: int, count: int) -> Tensor:
@@ -234,9 +238,10 @@ class _Run:
         optimizer = _optimizer(hp, [p for _, p in self.named], self.lr)
         # every step's indices and its share of the batch, without a copy to the device per step
         self.streams = [IndexStream(len(source), seed + 7919 * k, self.device) for k, source in enumerate(sources)]
-        per_process, total = hp.batch_size, hp.batch_size * acc.num_processes
-        mine = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
-        self.take = torch.cat([torch.arange(k * total, (k + 1) * total)[mine]
+        # the global batch (every process's share) and this process's slice of it
+        self.total = hp.batch_size * acc.num_processes
+        self.mine = slice(acc.process_index * hp.batch_size, (acc.process_index + 1) * hp.batch_size)
+        self.take = torch.cat([torch.arange(k * self.total, (k + 1) * self.total)[self.mine]
                                for k in range(len(sources))]).to(self.device)
         self.scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
                                        num_training_steps=hp.steps)
@@ -287,10 +292,8 @@ class _Run:
         The family's objective (finetuning/objectives.py) draws the noise and timesteps and
         computes the per-sample loss.
         """
-        hp, acc = self.hp, self.acc
         g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + micro)
-        per_process, total = hp.batch_size, hp.batch_size * acc.num_processes
-        mine = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+        total, mine = self.total, self.mine
         shape = self.objective.latent_shape
         zs, conds, sizes = [], [], []
         for k, source in enumerate(self.sources):

@@ -184,12 +184,13 @@ class WeightDelta:
         for site, update in self.deltas.items():
             parts = update if isinstance(update, tuple) else (update,)
             flat += [(site, i if isinstance(update, tuple) else -1, t) for i, t in enumerate(parts)]
-        target = torch.device(device) if device is not None else None
+        # the device as tensors report it ("cuda" -> "cuda:0"), so that equality means the same place
+        target = torch.empty(0, device=device).device if device is not None else None
         moved: dict[tuple[str, int], Tensor] = {}
         groups: dict[tuple, list[tuple[str, int, Tensor]]] = {}
         for site, i, t in flat:
             want = dtype or t.dtype
-            if target is None or _same_device(t.device, target) or t.numel() == 0:
+            if target is None or t.device == target:
                 moved[(site, i)] = t.to(device=target or t.device, dtype=want)
             else:
                 groups.setdefault((t.device, t.dtype, want), []).append((site, i, t))
@@ -200,16 +201,6 @@ class WeightDelta:
         for site, update in self.deltas.items():
             out[site] = (moved[(site, 0)], moved[(site, 1)]) if isinstance(update, tuple) else moved[(site, -1)]
         return WeightDelta(out, dict(self.provenance))
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """"cuda" names the current CUDA device: it matches "cuda:<current index>"."""
-    if a.type != b.type:
-        return False
-    if a.index == b.index or a.type == "cpu":
-        return True
-    current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
-    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 def pack_to(tensors: list[Tensor], device: torch.device | str, dtype: torch.dtype) -> list[Tensor]:
