@@ -101,6 +101,10 @@ class FastGenConfig:
         channels_last: store the denoiser's and the VAE's conv weights in NHWC (CUDA only).
         conv_1x1_as_mm: let inductor lower 1x1 convolutions to matrix products (a process-wide
             inductor setting, set by `prepare` when compiling).
+        autotune_convs: with a max-autotune mode, autotune the convolutions too (inductor's
+            default). False keeps aten's convolution (cuDNN) without timing Triton's, so the
+            autotuning reaches the matrix products only: on SD1.4 cuDNN won all 8 convolutions
+            autotuned, at 7-9 s each (a process-wide inductor setting, set by `prepare`).
         cudnn_benchmark: let cuDNN time its convolution algorithms during generation (the
             global flag is restored after each call).
         pad_batches: pad the last batch to batch_size (extra images are computed and dropped)
@@ -118,6 +122,7 @@ class FastGenConfig:
     compile_vae: bool = False
     channels_last: bool = True
     conv_1x1_as_mm: bool = False
+    autotune_convs: bool = True
     cudnn_benchmark: bool = True
     pad_batches: bool | None = None
 
@@ -283,6 +288,11 @@ class FastGenerator:
 
             inductor_config.conv_1x1_as_mm = True
             applied.append("conv_1x1_as_mm")
+        if (cfg.compile != "none" or cfg.compile_vae) and "max-autotune" in cfg.compile_mode and not cfg.autotune_convs:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.max_autotune_conv_backends = "ATEN"
+            applied.append("convolutions not autotuned")
         if cfg.compile == "regional" and not getattr(denoiser, "_repeated_blocks", None):
             raise FadelabError(
                 f"compile='regional': {type(denoiser).__name__} names no repeated blocks; use compile='full'"

@@ -57,9 +57,14 @@ def options() -> dict:
         "full+vae-cudagraphs": C(compile="full", compile_vae=True, compile_mode="reduce-overhead"),
         "full+vae-1x1mm": C(compile="full", compile_vae=True, conv_1x1_as_mm=True),
         "full+vae-autotune": C(compile="full", compile_vae=True, compile_mode="max-autotune-no-cudagraphs"),
+        "full+vae-autotune-gemm": C(compile="full", compile_vae=True, compile_mode="max-autotune-no-cudagraphs",
+                                    autotune_convs=False),
         "full+vae-1x1mm-cudagraphs": C(compile="full", compile_vae=True, conv_1x1_as_mm=True,
                                        compile_mode="reduce-overhead"),
     }
+
+
+DEFAULT_CONV_BACKENDS = None  # inductor's max_autotune_conv_backends, read at the first reset
 
 
 def reset_compiler() -> None:
@@ -69,7 +74,11 @@ def reset_compiler() -> None:
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
+    global DEFAULT_CONV_BACKENDS
     inductor_config.conv_1x1_as_mm = False
+    if DEFAULT_CONV_BACKENDS is None:
+        DEFAULT_CONV_BACKENDS = inductor_config.max_autotune_conv_backends
+    inductor_config.max_autotune_conv_backends = DEFAULT_CONV_BACKENDS
     torch.cuda.empty_cache()
 
 

@@ -36,11 +36,14 @@
 #      `mkdir oldcode && git archive COMMIT | tar -x -C oldcode && rm -rf oldcode/{docs,tests}
 #      oldcode/models/organism/weights`; untracked, so it travels), side by side with
 #      JOBS processes each (default 4) on the one GPU; `status --stages` of both
-#   (issue 8, not a call here) SD1.4 generation with inductor's max-autotune: session 12
-#      (2026-12-06, H200) ran `device_bench.py --parts gen-options --options full+vae-autotune`
-#      for 527 s, and its cold compile was still autotuning the UNet when the call ended
-#      (docs/measured/2026-12-06-h200-gen-autotune.txt). One 10-minute call on a fresh machine
-#      cannot finish it; a retry needs two calls on one warm machine with --warm-cache
+#   8 [TAG [SECONDS]]: issue 8: SD1.4 generation with inductor's max-autotune on the matrix
+#      products only (option set full+vae-autotune-gemm: convolutions stay cuDNN's), then the
+#      default full+vae, 10 timed batches each against one stock baseline. Session 12
+#      (2026-12-06, H200) ran full+vae-autotune for 527 s and its cold compile was still
+#      autotuning the UNet at the end, with cuDNN winning all 8 convolutions it timed
+#      (docs/measured/2026-12-06-h200-gen-autotune.txt). The inductor cache stays in /tmp
+#      (--warm-cache) and keeps each autotuned product as it is timed, so a second call on the
+#      same warm machine (TAG 2) goes on where the first stopped
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -119,7 +122,10 @@ case "${1:-}" in
      (cd "$([ $v = old ] && echo "$old" || echo .)" && python3 -m fadelab.cli status "experiments/$cfg.toml" --stages \
          --out "$([ $v = old ] && echo ../)fadelab-out/ab-$v") > "$OUT/ab-$v-status.txt" 2>&1
    done ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]" >&2; exit 2 ;;
+8) t "genat-${2:-1}" "${3:-540}" python3 scripts/device_bench.py --parts gen-options --batches 10 --budget-s 2000 \
+       --options full+vae-autotune-gemm,full+vae --warm-cache --out "$OUT/genat"
+   grep -c "AUTOTUNE" "$OUT/genat-${2:-1}.log"; tail -20 "$OUT/genat-${2:-1}.log"; du -sh /tmp/torchinductor_* ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
