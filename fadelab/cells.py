@@ -107,6 +107,8 @@ def save_delta(st, variant: str, delta, step: int | None = None, dtype: str | No
     tensor (factors of a low-rank delta each) before it is written; None keeps the delta's."""
     import torch
 
+    from models.delta import map_update
+
     attrs = {"provenance": json.dumps(delta.provenance, default=str, sort_keys=True)}
     cast = getattr(torch, dtype) if dtype else None
 
@@ -117,7 +119,7 @@ def save_delta(st, variant: str, delta, step: int | None = None, dtype: str | No
     with st.batch():
         for site in delta.sites():
             update = delta.deltas[site]
-            value = tuple(out(t) for t in update) if isinstance(update, tuple) else out(update)
+            value = map_update(update, out)
             st.require_delta(variant, site, value, step=step, attrs=attrs)
 
 

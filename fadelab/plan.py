@@ -466,10 +466,11 @@ def delta_bytes(st, variant: str, deltas, dtype: str) -> int:
     in `dtype`: sites already complete there (a resumed cell) count nothing."""
     import torch
 
+    from models.delta import tensors_of
+
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return sum(t.numel() * size for step, d in deltas for site, u in d.deltas.items()
-               if not st.has_delta(variant, site, step)
-               for t in (u if isinstance(u, tuple) else (u,)))
+               if not st.has_delta(variant, site, step) for t in tensors_of(u))
 
 
 def check_disk(st, need: int, what: str, hint: str = "") -> None:
@@ -546,8 +547,10 @@ def device_mover(ctx, *deltas):
     """A function that puts a delta on the run's GPU, when `deltas` together are at most
     DEVICE_DELTA_BYTES, else one that leaves it as it is: all of a cell's deltas move or none
     do, so their sums meet on one device."""
+    from models.delta import tensors_of
+
     size = sum(t.numel() * t.element_size() for d in deltas if d is not None
-               for u in d.deltas.values() for t in (u if isinstance(u, tuple) else (u,)))
+               for u in d.deltas.values() for t in tensors_of(u))
     if str(ctx.device) == "cpu" or size > DEVICE_DELTA_BYTES:
         return lambda d: d
     return lambda d: d.to(ctx.device)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.delta import WeightDelta, apply_delta
+from models.delta import WeightDelta, apply_delta, map_update, tensors_of
 from models.errors import FadelabError
 
 from . import state as state_io
@@ -323,12 +323,11 @@ def _check(values: np.ndarray, first_step: int) -> int | None:
 
 
 def _finite(delta: dict) -> bool:
-    return all(bool(torch.isfinite(t).all()) for u in delta.values() for t in (u if isinstance(u, tuple) else (u,)))
+    return all(bool(torch.isfinite(t).all()) for u in delta.values() for t in tensors_of(u))
 
 
 def _to_cpu(delta: dict) -> dict:
-    return {s: tuple(t.detach().cpu() for t in u) if isinstance(u, tuple) else u.detach().cpu()
-            for s, u in delta.items()}
+    return {s: map_update(u, lambda t: t.detach().cpu()) for s, u in delta.items()}
 
 
 def train(

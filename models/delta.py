@@ -47,6 +47,16 @@ Factors = tuple[Tensor, Tensor]
 Update = Union[Tensor, Factors]
 
 
+def tensors_of(update: Update) -> tuple[Tensor, ...]:
+    """The tensors of one update: (dW,) when dense, (B, A) when low-rank."""
+    return update if isinstance(update, tuple) else (update,)
+
+
+def map_update(update: Update, fn) -> Update:
+    """`fn` applied to each tensor of `update`, its form (dense or factors) kept."""
+    return tuple(fn(t) for t in update) if isinstance(update, tuple) else fn(update)
+
+
 def _as_update(site: str, update: Any) -> Update:
     """`update` as a tensor or a (B, A) tuple of tensors with B: (m, r), A: (r, n).
 
@@ -182,8 +192,7 @@ class WeightDelta:
         processes each waits its turn."""
         flat: list[tuple[str, int, Tensor]] = []  # (site, factor index or -1, tensor)
         for site, update in self.deltas.items():
-            parts = update if isinstance(update, tuple) else (update,)
-            flat += [(site, i if isinstance(update, tuple) else -1, t) for i, t in enumerate(parts)]
+            flat += [(site, i if isinstance(update, tuple) else -1, t) for i, t in enumerate(tensors_of(update))]
         # the device as tensors report it ("cuda" -> "cuda:0"), so that equality means the same place
         target = torch.empty(0, device=device).device if device is not None else None
         moved: dict[tuple[str, int], Tensor] = {}

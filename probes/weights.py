@@ -66,6 +66,7 @@ import xarray as xr
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from models.delta import tensors_of
 from models.errors import FadelabError
 from probes import weights_linalg as la
 from probes.weights_linalg import Update
@@ -437,8 +438,8 @@ def _site_device(cfg: WeightProbeConfig, dev: torch.device, w, d_ed, d_fts, site
     shape = tuple(w.shape) if w is not None else None
     for d in (d_ed, *d_fts):
         if shape is None and d is not None and site in d.deltas:
-            u = d.deltas[site]
-            shape = (u[0].shape[0], u[1].shape[1]) if isinstance(u, tuple) else tuple(u.shape)
+            parts = tensors_of(d.deltas[site])  # (m, n) of dW or of B @ A; a 1-D entry stays 1-D
+            shape = (*parts[0].shape[:1], *parts[-1].shape[1:])
     if shape is not None and len(shape) == 2 and shape[0] * shape[1] <= CPU_MAX_NUMEL:
         return torch.device("cpu")
     return dev
@@ -454,8 +455,7 @@ def _device(cfg: WeightProbeConfig, base_weights, d_ed, d_fts) -> torch.device:
             return w.device
     for d in (d_ed, *d_fts):
         if d is not None and d.deltas:
-            first = next(iter(d.deltas.values()))
-            return (first[0] if isinstance(first, tuple) else first).device
+            return tensors_of(next(iter(d.deltas.values())))[0].device
     return torch.device("cpu")
 
 
