@@ -124,7 +124,8 @@ case "${1:-}" in
    done ;;
 8) t "genat-${2:-1}" "${3:-540}" python3 scripts/device_bench.py --parts gen-options --batches 10 --budget-s 2000 \
        --options full+vae-autotune-gemm,full+vae --warm-cache --out "$OUT/genat"
-   grep -c "AUTOTUNE" "$OUT/genat-${2:-1}.log"; tail -20 "$OUT/genat-${2:-1}.log"; du -sh /tmp/torchinductor_* ;;
+   grep -c "AUTOTUNE" "$OUT/genat-${2:-1}.log"; tail -20 "$OUT/genat-${2:-1}.log"; du -sh /tmp/torchinductor_*
+   command -v nvidia-cuda-mps-control || echo "no nvidia-cuda-mps-control on this machine" ;;
 *) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
