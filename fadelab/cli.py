@@ -77,7 +77,7 @@ def cmd_run(args) -> int:
                          slurm={"slurm_partition": args.partition} if args.partition else None,
                          smoke=smoke)
     elif jobs > 1:
-        runner.run_local_jobs(args.config, out, jobs, device, smoke=smoke, progress=not args.quiet)
+        runner.run_local_jobs(args.config, out, jobs, device, smoke=smoke, progress=not args.quiet, mps=args.mps)
     else:
         summary = runner.run_cells(args.config, out, shard=args.shard, device=device,
                                    progress=not args.quiet, smoke=smoke, queue=args.queue)
@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", default="auto",
                    help="processes side by side (local: sharing one queue of cells, round robin over the GPUs; "
                         "slurm: array size); auto (default): 1 on the CPU; on GPUs one per GPU, for the organism up to 8 per GPU")
+    r.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
+                   help="run local processes that share a GPU as clients of a private CUDA MPS daemon, so their "
+                        "kernels run side by side; auto (default): when processes share a GPU and "
+                        "nvidia-cuda-mps-control is on PATH")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local",
                    help="local processes (default) or a Slurm job array through submitit")
     r.add_argument("--queue", default=None, help=argparse.SUPPRESS)  # run_local_jobs' shared queue folder

@@ -27,15 +27,19 @@
 #      Session 13 (2026-12-06, H100): 46 of 50 in 500 s (docs/measured/2026-12-06-h100-mainjob-jobs8.txt)
 #      Session 17 (2026-12-06, H100, code a6e4aea): all 50 cells in about 476 s, merge and report 42 s
 #      in a second call; status --stages (docs/measured/2026-12-06-h100-mainjob-jobs8-stages.txt).
-#      Not yet measured: the main job after c3cd8e5 (small weight-probe sites on the CPU) and the
-#      packed device copies of a cell's deltas; call 7 is the A/B for them (oldcode/ = a6e4aea)
+#      Not yet measured: the main job after c3cd8e5 (small weight-probe sites on the CPU), the
+#      packed device copies of a cell's deltas, and under CUDA MPS (--mps auto, the default since
+#      session 18); call 7 measured them on the throughput slice (docs/measured/2026-12-07-h100-ab-mps.txt)
 #   6: issue 7: the throughput slice with --jobs 1 and with --jobs auto in the same call (the
 #      same-call baseline that session 10 had no device time for)
 #   7 [CONFIG [JOBS [SECONDS [OLD]]]]: A/B of a speed change under one load: CONFIG (default
 #      throughput) from this tree and from an older tree in OLD (default oldcode/, made with
 #      `mkdir oldcode && git archive COMMIT | tar -x -C oldcode && rm -rf oldcode/{docs,tests}
 #      oldcode/models/organism/weights`; untracked, so it travels), side by side with
-#      JOBS processes each (default 4) on the one GPU; `status --stages` of both
+#      JOBS processes each (default 4) on the one GPU; `status --stages` of both.
+#      Session 18 (2026-12-07, H100): new 122 s, a6e4aea 131 s (341 against 403 s of cell time);
+#      the new tree's side starts a CUDA MPS daemon by default (--mps auto) and a tree older than
+#      session 18 has none, so pass MPS=off to compare code under one load (as session 18 did)
 #   8 [TAG [SECONDS]]: issue 8: SD1.4 generation with inductor's max-autotune on the matrix
 #      products only (option set full+vae-autotune-gemm: convolutions stay cuDNN's), then the
 #      default full+vae, 10 timed batches each against one stock baseline. Session 12
@@ -43,7 +47,9 @@
 #      autotuning the UNet at the end, with cuDNN winning all 8 convolutions it timed
 #      (docs/measured/2026-12-06-h200-gen-autotune.txt). The inductor cache stays in /tmp
 #      (--warm-cache) and keeps each autotuned product as it is timed, so a second call on the
-#      same warm machine (TAG 2) goes on where the first stopped
+#      same warm machine (TAG 2) goes on where the first stopped. Session 18 (2026-12-07, H100):
+#      530 s and 480 s, 33 products timed, the UNet's compile still unfinished; not measured
+#      (docs/measured/2026-12-07-h100-gen-autotune-gemm.txt)
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -114,7 +120,7 @@ case "${1:-}" in
    # the organism's weights travel once, with this tree (a second copy would pass the 64 MiB limit)
    [ -d "$old/models/organism/weights" ] || cp -r models/organism/weights "$old/models/organism/"
    t "ab-new" "$lim" python3 -m fadelab.cli run "experiments/$cfg.toml" --device cuda --jobs "${3:-4}" \
-       --quiet --no-report --out fadelab-out/ab-new &
+       --mps "${MPS:-auto}" --quiet --no-report --out fadelab-out/ab-new &
    (cd "$old" && export PYTHONPATH=/tmp/site:$PWD && t "ab-old" "$lim" python3 -m fadelab.cli run "experiments/$cfg.toml" \
        --device cuda --jobs "${3:-4}" --quiet --no-report --out ../fadelab-out/ab-old) &
    wait
