@@ -285,8 +285,9 @@ def mps_daemon(required: bool = False):
     finally:
         try:
             subprocess.run([binary], input="quit\n", env=full, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as e:  # the daemon dies with its pipes' folder
-            log.warning("CUDA MPS: quitting the control daemon failed: %s", e)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("CUDA MPS: quitting the control daemon failed (%s); it may still run "
+                        "(`pkill -f nvidia-cuda-mps-control` ends it)", e)
         shutil.rmtree(pipe, ignore_errors=True)
 
 
