@@ -41,10 +41,11 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
-def _autocast(device: torch.device, bf16: bool):
-    """bfloat16 autocast on CUDA when asked; nothing elsewhere (CPU bf16 autocast is very slow)."""
+def _autocast(device: torch.device, bf16: bool, cache: bool = True):
+    """bfloat16 autocast on CUDA when asked; nothing elsewhere (CPU bf16 autocast is very slow).
+    `cache=False` re-casts weights at each use, as CUDA graph capture requires."""
     if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
 
 

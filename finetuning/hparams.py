@@ -22,7 +22,7 @@ each in docs/finetuning.md.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +57,9 @@ class TrainHParams:
         snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023, eq. 9); None: plain MSE as the
             recipes' default.
         mixed_precision: "bf16" (autocast to bfloat16, on CUDA only; CPU always runs fp32) or "no".
+        cuda_graphs: run the denoiser's forward and backward as CUDA graphs captured at the first
+            step (finetuning/graphs.py): one process on CUDA, grad_accum 1, SD1.x objective (the organism);
+            elsewhere it is ignored with a log line. Off by default: not yet measured on a GPU.
         cache: encode the VAE latents (and the text embeddings when the text encoder is frozen)
             once, by dataset index; False runs VAE and text encoder every step, as the recipes.
         sample_latents: draw z ~ N(mean, std) from the cached VAE posterior each step (the
@@ -89,12 +92,16 @@ class TrainHParams:
     max_grad_norm: float = 1.0
     snr_gamma: float | None = None
     mixed_precision: str = "bf16"
+    cuda_graphs: bool = False
     cache: bool = True
     sample_latents: bool = True
     resolution: int | None = None
     max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # switches: a TOML "yes" or 1 would otherwise pass as true
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise FadelabError(f"{self.method} hparams: {f.name}={getattr(self, f.name)!r}; give true or false")
         for name in ("steps", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise FadelabError(f"{self.method} hparams: {name}={getattr(self, name)!r}; give a positive integer")

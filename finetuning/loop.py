@@ -182,12 +182,6 @@ def training_attention(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _autocast(device: torch.device, hp: TrainHParams):
-    if hp.mixed_precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class _Source:
     """One image set (the data, or DreamBooth's class images) with its caches."""
 
@@ -249,6 +243,14 @@ class _Run:
         self.wrapped = dict(zip(trained, prepared[:-1]))
         self.optimizer = prepared[-1]
         self.denoiser_call = self.wrapped.get(objective.denoiser, self.denoiser)
+        if hp.cuda_graphs:
+            from finetuning.graphs import GraphedDenoiser, graphs_unsupported
+
+            why = graphs_unsupported(hp, self.device, acc.num_processes, objective)
+            if why:
+                log.info("cuda_graphs ignored: %s", why)
+            else:
+                self.denoiser_call = GraphedDenoiser(self.denoiser_call)
         self.text_calls = [self.wrapped.get(c, getattr(work.pipe, c)) for c in objective.text_components]
 
     def step(self, step: int) -> Tensor:
@@ -513,6 +515,9 @@ def train(
             "data": str(getattr(dataset, "folder", "in memory")), "images": len(dataset),
             "family": model.family, "weights": model.weights, "cache": hp.cache,
             "bf16_autocast": hp.mixed_precision == "bf16" and acc.device.type == "cuda",
+            # captured and replayed steps' denoiser calls, or False where eager (graphs off or ignored)
+            "cuda_graphs": (getattr(run.denoiser_call, "graphed", None) is not None
+                            and {"eager_calls": run.denoiser_call.eager_calls}),
             "base_delta": base_delta.provenance if base_delta is not None else None,
             "attention": sorted({type(p).__name__ for p in run.denoiser.attn_processors.values()}),
             **objective.info(),

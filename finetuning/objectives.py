@@ -87,10 +87,11 @@ def text_encoder_names(pipe: Any) -> tuple[str, ...]:
             "flux": ("text_encoder",)}[family_kind(pipe)]
 
 
-def _autocast(device: torch.device, bf16: bool):
+def _autocast(device: torch.device, hp: Any):
+    """The training forward's autocast: hp's precision, without the cast cache under CUDA graphs."""
     from .cache import _autocast as autocast
 
-    return autocast(device, bf16)
+    return autocast(device, hp.mixed_precision == "bf16", cache=not getattr(hp, "cuda_graphs", False))
 
 
 class Objective:
@@ -173,7 +174,7 @@ class EpsilonObjective(Objective):
         zt = self.noise.add_noise(z0, eps, t)
         v = self.noise.config.prediction_type == "v_prediction"
         target = self.noise.get_velocity(z0, eps, t) if v else eps
-        with _autocast(self.device, self.hp.mixed_precision == "bf16"):
+        with _autocast(self.device, self.hp):
             pred = self.predict(denoiser, zt.to(dtype), t, tuple(c.to(dtype) for c in cond))
         per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.hp.snr_gamma is not None:
@@ -266,7 +267,7 @@ class FlowObjective(Objective):
         hidden, pooled = (x.to(dtype) for x in cond)
         text_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=dtype)
         guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=self.device)
-        with _autocast(self.device, self.hp.mixed_precision == "bf16"):
+        with _autocast(self.device, self.hp):
             pred = denoiser(hidden_states=self.pack(zt.to(dtype), b, c, h, w), timestep=t.to(dtype),
                             guidance=guidance, pooled_projections=pooled, encoder_hidden_states=hidden,
                             txt_ids=text_ids, img_ids=self.image_ids.to(dtype), return_dict=False)[0]

@@ -50,6 +50,11 @@
 #      same warm machine (TAG 2) goes on where the first stopped. Session 18 (2026-12-07, H100):
 #      530 s and 480 s, 33 products timed, the UNet's compile still unfinished; not measured
 #      (docs/measured/2026-12-07-h100-gen-autotune-gemm.txt)
+#   9 [STEPS]: issue 7: organism fine-tuning steps with and without CUDA graphs of the denoiser's
+#      forward and backward (TrainHParams.cuda_graphs, new in session 18, never run on a GPU):
+#      scripts/device_graphs_probe.py, full, LoRA, DoRA and DreamBooth at STEPS steps (default 60),
+#      eager and graphed alternating twice; seconds per step and the graphed delta's distance from
+#      the eager one. If the graphs pay, the main job's fine-tunes can turn them on
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -132,7 +137,9 @@ case "${1:-}" in
        --options full+vae-autotune-gemm,full+vae --warm-cache --out "$OUT/genat"
    grep -c "AUTOTUNE" "$OUT/genat-${2:-1}.log"; tail -20 "$OUT/genat-${2:-1}.log"; du -sh /tmp/torchinductor_*
    command -v nvidia-cuda-mps-control || echo "no nvidia-cuda-mps-control on this machine" ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]" >&2; exit 2 ;;
+9) t graphs-probe 540 python3 scripts/device_graphs_probe.py --out "$OUT/graphs" --steps "${2:-60}"
+   tail -12 "$OUT/graphs-probe.log" ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"

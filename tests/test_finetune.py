@@ -4,6 +4,9 @@ checkpoints, resume, non-finite losses, gradient hooks."""
 
 import json
 import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +72,10 @@ def test_hparams_files_and_bad_values(tmp_path):
         H.defaults("full", warmup_steps=5)
     with pytest.raises(FadelabError, match="template"):
         H.defaults("textual-inversion", templates=("a photo",))
+    with pytest.raises(FadelabError, match="cuda_graphs='yes'; give true or false"):
+        H.defaults("lora", cuda_graphs="yes")
+    with pytest.raises(FadelabError, match="cache=1; give true or false"):
+        H.defaults("full", cache=1)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -278,6 +285,84 @@ def test_base_delta_is_the_start_and_grad_hooks_freeze_sites(model, style):
     assert torch.allclose(seen["w"], w + base.dense(site) + r.delta.dense(site), atol=1e-6)
     assert r.delta.norm(site) > 0 and r.delta.provenance["parent"] == {"method": "test-edit"}
     assert r.delta.norm(frozen) == 0.0  # zero gradient, no weight decay: AdamW leaves it exactly
+
+
+def test_cuda_graphs_say_where_they_cannot_apply():
+    from types import SimpleNamespace
+
+    from finetuning.graphs import graphs_unsupported
+
+    sd, sdxl = SimpleNamespace(kind="sd"), SimpleNamespace(kind="sdxl")
+    hp = H.defaults("lora", "organism", cuda_graphs=True)
+    assert graphs_unsupported(hp, torch.device("cpu"), 1, sd) == "CUDA only; this run is on cpu"
+    assert "one process only; this run has 2" in graphs_unsupported(hp, torch.device("cuda"), 2, sd)
+    assert "the SD1.x objective only; this run's is 'sdxl'" == graphs_unsupported(hp, torch.device("cuda"), 1, sdxl)
+    assert graphs_unsupported(hp, torch.device("cuda"), 1, sd) is None
+    assert graphs_unsupported(replace(hp, grad_accum=2), torch.device("cuda"), 1, sd) == "grad_accum 1 only; this run has 2"
+
+
+def test_graphed_denoiser_captures_once_and_runs_other_shapes_eagerly(monkeypatch, caplog):
+    """make_graphed_callables stood in by a recorder (no GPU here): the first call captures with
+    detached copies of the inputs, equal inputs replay, a changed batch size runs eagerly."""
+    import logging
+
+    from finetuning import graphs
+
+    captured = []
+
+    def fake_make_graphed(module, sample, allow_unused_input=False):
+        captured.append(sample)
+        return lambda *args: module(*args) + 1000.0  # marks outputs that came through "the graph"
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed)
+    den = lambda zt, t, encoder_hidden_states, return_dict: (zt * 2 + encoder_hidden_states.sum(),)  # noqa: E731
+    g = graphs.GraphedDenoiser(torch.nn.Identity())
+    g.denoiser = den
+    zt, t, c = torch.ones(2, 4), torch.zeros(2, dtype=torch.long), torch.ones(2, 3, requires_grad=True)
+    first = g(zt, t, encoder_hidden_states=c, return_dict=False)[0]
+    again = g(zt * 3, t, encoder_hidden_states=c, return_dict=False)[0]
+    assert len(captured) == 1 and captured[0][2].requires_grad and captured[0][2].grad_fn is None
+    assert captured[0][0] is not zt and torch.equal(captured[0][0], zt)
+    assert torch.equal(first, zt * 2 + 6 + 1000) and torch.equal(again, zt * 6 + 6 + 1000)
+    with caplog.at_level(logging.WARNING, logger="finetuning.graphs"):
+        other = g(torch.ones(3, 4), torch.zeros(3, dtype=torch.long), encoder_hidden_states=torch.ones(3, 3),
+                  return_dict=False)[0]
+    assert torch.equal(other, torch.ones(3, 4) * 2 + 9) and g.eager_calls == 1  # eager: no +1000
+    assert "differ from the captured" in caplog.text
+
+
+@needs_weights
+def test_cuda_graphs_on_the_cpu_change_nothing(model, style, caplog):
+    import logging
+
+    hp = short("lora", steps=2, batch_size=2, lr=1e-2, target="unet")
+    eager = train(model, style, hp, seed=5, progress=False)
+    with caplog.at_level(logging.INFO, logger="finetuning.loop"):
+        asked = train(model, style, replace(hp, cuda_graphs=True), seed=5, progress=False)
+    assert "cuda_graphs ignored: CUDA only" in caplog.text
+    assert asked.info["cuda_graphs"] is False and np.array_equal(asked.loss, eager.loss)
+    for site in eager.delta.sites():
+        assert torch.equal(asked.delta.dense(site), eager.delta.dense(site))
+
+
+@needs_weights
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_train_as_eager_does_on_a_gpu():
+    """Organism LoRA and full fine-tunes, 20 steps, graphs on and off: every step replays the
+    captured graphs, and the losses and deltas agree to bf16 autocast's tolerance."""
+    import models
+
+    gpu = models.load("organism", device="cuda")
+    data = organism_data.write_style_set(Path(tempfile.mkdtemp()), n=32, seed=0)
+    for method in ("lora", "full"):
+        hp = short(method, steps=20, batch_size=8)
+        eager = train(gpu, data, hp, seed=2, progress=False)
+        graphed = train(gpu, data, replace(hp, cuda_graphs=True), seed=2, progress=False)
+        assert graphed.info["cuda_graphs"] == {"eager_calls": 0}
+        assert np.allclose(graphed.loss, eager.loss, rtol=0.05, atol=1e-3), (method, graphed.loss, eager.loss)
+        for site in eager.delta.sites():
+            a, b = graphed.delta.dense(site), eager.delta.dense(site)
+            assert (a - b).norm() <= 0.05 * b.norm() + 1e-6, (method, site)
 
 
 @needs_weights

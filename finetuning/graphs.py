@@ -1,0 +1,97 @@
+"""CUDA graphs for the denoiser's forward and backward in training (TrainHParams.cuda_graphs).
+
+Offers
+    GraphedDenoiser(denoiser)   a stand-in for `denoiser(zt, t, encoder_hidden_states=c,
+                                return_dict=False)` that captures the call's forward and backward
+                                as CUDA graphs at its first call and replays them after
+    graphs_unsupported(hp, device, processes, objective) -> reason or None
+
+Why. On a GPU an organism fine-tuning step is launch-bound: its UNet's forward and backward are
+about 3,700 aten calls at batch 8 (counted on the CPU, 2026-12-07; a full step adds AdamW's
+update), each dispatched from Python, and the main job's 8 processes share one GPU and the
+machine's cores. `torch.cuda.make_graphed_callables` records the forward and the backward once,
+for the run's fixed shapes, and each step then launches two graphs. Inputs are copied into the
+graph's static tensors; parameters are read in place, so the optimizer's in-place updates, LoRA,
+DoRA and a frozen base all work as in eager mode. Gradients reach the parameters (and a trained
+text encoder through the condition) through autograd as before.
+
+Limits: the shapes, dtypes and requires_grad of (zt, t, condition) must stay those of the first
+call (a fine-tune's batch is fixed); a call that differs runs eagerly, with a warning. Autocast
+must not cache casts (`cache_enabled=False`, what objectives.py passes when graphs are on). One
+process only: DDP's gradient hooks are not captured. One micro-batch per step: autograd may keep
+the graph's static gradient tensor as a parameter's .grad, and a second micro-batch's replay
+would overwrite it before accumulating into it.
+
+Not measured on a GPU as of 2026-12-07, so off by default (docs/finetuning.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class _Call(nn.Module):
+    """denoiser(zt, t, encoder_hidden_states=c) as a module of positional tensors (what
+    make_graphed_callables takes), holding the denoiser so its parameters join the graph's inputs."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, zt: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.denoiser(zt, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+def _signature(args: tuple[Tensor, ...]) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.requires_grad, a.device) for a in args)
+
+
+class GraphedDenoiser:
+    """Calls the denoiser through CUDA graphs captured at the first call (module docstring)."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        self.denoiser = denoiser
+        self.graphed: Any = None
+        self.signature: tuple | None = None
+        self.eager_calls = 0
+
+    def __call__(self, zt: Tensor, t: Tensor, encoder_hidden_states: Tensor, return_dict: bool = False) -> tuple:
+        args = (zt, t, encoder_hidden_states)
+        sig = _signature(args)
+        if self.graphed is None:
+            # samples with the real inputs' values and requires_grad, detached from their graphs
+            sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            # unused trainable parameters get no gradient, as in eager mode (instead of an error)
+            self.graphed = torch.cuda.make_graphed_callables(_Call(self.denoiser), sample, allow_unused_input=True)
+            self.signature = sig
+            log.info("cuda_graphs: denoiser forward and backward captured for inputs %s",
+                     [tuple(a.shape) for a in args])
+        if sig != self.signature:
+            if not self.eager_calls:
+                log.warning("cuda_graphs: inputs %s differ from the captured %s; eager for this call",
+                            sig, self.signature)
+            self.eager_calls += 1
+            out = self.denoiser(zt, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        else:
+            out = self.graphed(*args)
+        return (out,)  # as return_dict=False, the objectives' call
+
+
+def graphs_unsupported(hp, device: torch.device, processes: int, objective: Any) -> str | None:
+    """Why `hp.cuda_graphs` cannot apply to this run, or None when it can."""
+    if device.type != "cuda":
+        return f"CUDA only; this run is on {device.type}"
+    if processes > 1:
+        return f"one process only; this run has {processes} (DDP)"
+    if hp.grad_accum > 1:  # a parameter's .grad may alias the graph's static gradient, which the
+        # next micro-batch's replay overwrites before accumulation adds to it
+        return f"grad_accum 1 only; this run has {hp.grad_accum}"
+    if getattr(objective, "kind", None) != "sd":
+        return f"the SD1.x objective only; this run's is {getattr(objective, 'kind', None)!r}"
+    return None

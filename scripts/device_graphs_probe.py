@@ -1,0 +1,82 @@
+"""Organism fine-tuning steps with and without CUDA graphs (TrainHParams.cuda_graphs), one GPU.
+
+    python3 scripts/device_graphs_probe.py --out $OUT/graphs [--steps 60] [--methods full,lora,dora,dreambooth]
+
+For each method, the organism's defaults with `steps` steps, trained eagerly and with graphs,
+twice each, alternating (eager first): seconds per step after the first three (the capture is in
+those), the whole run's seconds, the last loss, and how far the graphed delta is from the eager
+one (|d_graphs - d_eager| / |d_eager| over all sites). Writes graphs_probe.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--methods", default="full,lora,dora,dreambooth")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+
+    import torch
+
+    import models
+    from finetuning import hparams as H
+    from finetuning import train
+    from models.organism import data as organism_data
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = models.load("organism", device=args.device)
+    tmp = Path(tempfile.mkdtemp())
+    style = organism_data.write_style_set(tmp / "style", n=256, seed=0)
+    subject = organism_data.write_dreambooth(tmp / "db", per_subject=5, seed=0) / "dog1"
+    rows = []
+    for method in args.methods.split(","):
+        hp = H.defaults(method, "organism", steps=args.steps)
+        data = subject if method == "dreambooth" else style
+        runs = {}
+        for rep in range(2):
+            for graphs in (False, True):
+                t = time.perf_counter()
+                r = train(model, data, replace(hp, cuda_graphs=graphs), seed=1, progress=False)
+                wall = time.perf_counter() - t
+                runs.setdefault(graphs, []).append(r)
+                rows.append({"method": method, "cuda_graphs": graphs, "rep": rep, "steps": args.steps,
+                             "batch": hp.batch_size, "step_seconds": r.info["step_seconds"],
+                             "train_seconds": r.info["seconds"], "wall_seconds": round(wall, 3),
+                             "last_loss": float(r.loss[-1]), "graphs_info": r.info["cuda_graphs"]})
+                print(json.dumps(rows[-1]), flush=True)
+        e, g = runs[False][0].delta, runs[True][0].delta
+        num = sum(float((g.dense(s) - e.dense(s)).norm() ** 2) for s in e.sites()) ** 0.5
+        den = sum(float(e.dense(s).norm() ** 2) for s in e.sites()) ** 0.5
+        e2 = runs[False][1].delta
+        num2 = sum(float((e2.dense(s) - e.dense(s)).norm() ** 2) for s in e.sites()) ** 0.5
+        rows.append({"method": method, "delta_rel_diff_graphs_vs_eager": num / den,
+                     "delta_rel_diff_eager_vs_eager": num2 / den})
+        print(json.dumps(rows[-1]), flush=True)
+        (out / "graphs_probe.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+             "torch": torch.__version__, "rows": rows}, indent=1))
+    print("\nmethod      graphs  step_s (rep 0, rep 1)")
+    for method in args.methods.split(","):
+        for graphs in (False, True):
+            s = [r["step_seconds"] for r in rows if r.get("method") == method and r.get("cuda_graphs") is graphs]
+            print(f"{method:11s} {str(graphs):6s}  " + ", ".join(f"{x:.4f}" for x in s if x is not None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
