@@ -205,6 +205,7 @@ def _compute_edit(ctx: Context, table: dict):
 def run_cell(ctx: Context, cell: Cell) -> None:
     """Run one cell into its store and write its done mark last."""
     from fadelab import plan
+    from fadelab.runner import mps_client
 
     t0 = time.time()
     ctx._stages = {}
@@ -214,5 +215,5 @@ def run_cell(ctx: Context, cell: Cell) -> None:
         stages = [[k, round(v, 2)] for k, v in ctx._stages.items()]  # pairs: the order they ran
         st.require_array(done_mark(cell), np.array([time.time() - t0]),
                          attrs={"variant": cell.variant, "device": ctx.device,
-                                "stages": stages})
+                                "stages": stages, "mps": mps_client(ctx.device)})
     log.info("cell %s done in %.1f s", cell.id, time.time() - t0)

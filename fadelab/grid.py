@@ -9,6 +9,7 @@ What it offers:
     cell_path(out, cell), cell_done(path)     where a cell writes, and whether it finished
     status(exp, out)                     done / partial / missing per cell
     cell_timing(path, cell)              a done cell's wall seconds and its seconds per stage
+    cell_mps(path, cell)                 whether a done cell ran as a CUDA MPS client
     merge(exp, out)                      DIR/experiment.h5: one store joining every cell file by
                                          HDF5 external links (no array is copied)
 
@@ -368,6 +369,21 @@ def cell_timing(path: str | os.PathLike, cell: Cell) -> tuple[float, dict[str, f
             stages = st.array_attrs(done_mark(cell)).get("stages") or []
             return float(st.read_array(done_mark(cell))[0]), {k: float(v) for k, v in stages}
     except (StoreError, KeyError, IndexError):
+        return None
+
+
+def cell_mps(path: str | os.PathLike, cell: Cell) -> bool | None:
+    """Whether a done cell ran as a CUDA MPS client (its timings depend on it); None when not
+    done, or marked before this was recorded."""
+    from store import Store, StoreError
+
+    try:
+        with Store.open(path, "r") as st:
+            if not st.is_complete(f"/arrays/{done_mark(cell)}"):
+                return None
+            mps = st.array_attrs(done_mark(cell)).get("mps")
+            return None if mps is None else bool(mps)
+    except (StoreError, KeyError, OSError):
         return None
 
 

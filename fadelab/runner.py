@@ -308,6 +308,15 @@ def use_mps(mode: str, jobs: int, gpus: int) -> bool:
     return jobs > gpus and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not (DEFAULT_MPS_PIPE / "control").exists()
 
 
+def mps_client(device: str) -> bool:
+    """Whether this process's CUDA work goes through an MPS daemon: ours (run_local_jobs sets
+    CUDA_MPS_PIPE_DIRECTORY for its children) or a system-wide one at DEFAULT_MPS_PIPE. Cells
+    record it with their timings, which MPS changes (docs/measured/2026-12-07-h100-ab-mps.txt)."""
+    if not str(device).startswith("cuda"):
+        return False
+    return bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")) or (DEFAULT_MPS_PIPE / "control").exists()
+
+
 def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
                    smoke: bool | None = None, progress: bool = True, mps: str = "auto") -> list[dict]:
     """`jobs` processes side by side (one GPU each, round robin over the visible GPUs, when the

@@ -120,6 +120,18 @@ def test_children_are_clients_numbered_from_zero(fake_mps, monkeypatch, tmp_path
     assert not any("CUDA_MPS_PIPE_DIRECTORY" in e for e in seen)
 
 
+def test_mps_client_reads_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "DEFAULT_MPS_PIPE", tmp_path / "nvidia-mps")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    assert not runner.mps_client("cuda")
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert runner.mps_client("cuda") and not runner.mps_client("cpu")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    (tmp_path / "nvidia-mps").mkdir()
+    (tmp_path / "nvidia-mps" / "control").touch()
+    assert runner.mps_client("cuda:0")
+
+
 def test_cli_refuses_an_unknown_mps_mode(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--mps", "sometimes", "--out", "/nonexistent/never-written"])

@@ -13,7 +13,7 @@ STAGE_ABBREV = {"edit": "edit", "finetune": "ft", "write": "write", "evaluate": 
 
 
 def cmd_status(args) -> int:
-    from fadelab.grid import cell_path, cell_timing, load_experiment, status
+    from fadelab.grid import cell_mps, cell_path, cell_timing, load_experiment, status
 
     exp = load_experiment(args.config, smoke=True if args.smoke else None)
     rows = status(exp, Path(args.out))
@@ -29,6 +29,10 @@ def cmd_status(args) -> int:
           f"cell stores {on_disk / 1e9:.2f} GB, {free / 1e9:.1f} GB free)")
     if args.stages:
         print(stage_totals(timing))
+        mps = [cell_mps(cell_path(args.out, c), c) for c, s in rows if s == "done"]
+        if any(m is not None for m in mps):
+            print(f"cells run as CUDA MPS clients: {sum(m is True for m in mps)} of {len(mps)} done "
+                  f"({sum(m is None for m in mps)} not recorded)")
     for (cell, state), t, size in zip(rows, timing, sizes):
         took = f"{t[0]:8.1f} s" if t is not None else " " * 10
         gb = f"{size / 1e9:7.2f} GB" if size is not None else " " * 10
