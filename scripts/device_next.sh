@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU work still owed after session 10 (2026-12-05; sessions 9 and 10 ran none of calls 1-4:
-# their device time went to the organism and to the main job's speed), as calls of under 10
-# minutes. Calls 1-3, 5 and 6
+# The lab's GPU work as calls of under 10 minutes, the done ones kept for reruns. Owed after
+# session 18 (2026-12-07), in this order: 9 (CUDA graphs for the organism's fine-tunes, never run
+# on a GPU), 5 (the main job, now under CUDA MPS), 4 (two GPUs). Calls 1-3 and 5-9
 # need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
 # sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).
