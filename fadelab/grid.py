@@ -8,8 +8,8 @@ What it offers:
     parse_shard("i/n"), shard(cells, i, n)   one slice of the grid for one process or array task
     cell_path(out, cell), cell_done(path)     where a cell writes, and whether it finished
     status(exp, out)                     done / partial / missing per cell
-    cell_timing(path, cell)              a done cell's wall seconds and its seconds per stage
-    cell_mps(path, cell)                 whether a done cell ran as a CUDA MPS client
+    cell_mark(path, cell)                a done cell's wall seconds, seconds per stage and MPS flag
+    cell_timing(path, cell), cell_mps(path, cell)   the first two, or the last, of those
     merge(exp, out)                      DIR/experiment.h5: one store joining every cell file by
                                          HDF5 external links (no array is copied)
 
@@ -353,11 +353,13 @@ def cell_done(path: str | os.PathLike, cell: Cell) -> bool:
         return False
 
 
-def cell_timing(path: str | os.PathLike, cell: Cell) -> tuple[float, dict[str, float]] | None:
-    """(wall seconds, {stage: seconds}) of a done cell, from its completion mark; the stages
-    (edit, finetune, write, evaluate, order_swap, re_edit, project_out, weight_probes,
-    neuron_probes: `Context.stage`) are {} for cells marked before they were recorded, and the
-    wall time less their sum is set-up (model, judges, data) and bookkeeping. None if not done."""
+def cell_mark(path: str | os.PathLike, cell: Cell) -> dict[str, Any] | None:
+    """What a done cell's completion mark holds, in one read of its store: "seconds" (wall),
+    "stages" ({stage: seconds} in the order they ran: edit, finetune, write, evaluate, order_swap,
+    re_edit, project_out, weight_probes, neuron_probes, from `Context.stage`; {} for cells marked
+    before they were recorded; the wall time less their sum is set-up and bookkeeping) and "mps"
+    (whether it ran as a CUDA MPS client, which changes its timings; None when not recorded).
+    None if the cell is not done."""
     from store import Store, StoreError
 
     if not Path(path).exists():
@@ -366,25 +368,26 @@ def cell_timing(path: str | os.PathLike, cell: Cell) -> tuple[float, dict[str, f
         with Store.open(path, "r") as st:  # one open: the mark's completeness, then its value
             if not st.is_complete(f"/arrays/{done_mark(cell)}"):
                 return None
-            stages = st.array_attrs(done_mark(cell)).get("stages") or []
-            return float(st.read_array(done_mark(cell))[0]), {k: float(v) for k, v in stages}
+            attrs = st.array_attrs(done_mark(cell))
+            mps = attrs.get("mps")
+            return {"seconds": float(st.read_array(done_mark(cell))[0]),
+                    "stages": {k: float(v) for k, v in attrs.get("stages") or []},
+                    "mps": None if mps is None else bool(mps)}
     except (StoreError, KeyError, IndexError):
         return None
 
 
-def cell_mps(path: str | os.PathLike, cell: Cell) -> bool | None:
-    """Whether a done cell ran as a CUDA MPS client (its timings depend on it); None when not
-    done, or marked before this was recorded."""
-    from store import Store, StoreError
+def cell_timing(path: str | os.PathLike, cell: Cell) -> tuple[float, dict[str, float]] | None:
+    """(wall seconds, {stage: seconds}) of a done cell (`cell_mark`); None if not done."""
+    mark = cell_mark(path, cell)
+    return None if mark is None else (mark["seconds"], mark["stages"])
 
-    try:
-        with Store.open(path, "r") as st:
-            if not st.is_complete(f"/arrays/{done_mark(cell)}"):
-                return None
-            mps = st.array_attrs(done_mark(cell)).get("mps")
-            return None if mps is None else bool(mps)
-    except (StoreError, KeyError, OSError):
-        return None
+
+def cell_mps(path: str | os.PathLike, cell: Cell) -> bool | None:
+    """Whether a done cell ran as a CUDA MPS client (`cell_mark`); None when not done, or marked
+    before this was recorded."""
+    mark = cell_mark(path, cell)
+    return None if mark is None else mark["mps"]
 
 
 def status(exp: Experiment, out: str | os.PathLike) -> list[tuple[Cell, str]]:

@@ -13,11 +13,12 @@ STAGE_ABBREV = {"edit": "edit", "finetune": "ft", "write": "write", "evaluate": 
 
 
 def cmd_status(args) -> int:
-    from fadelab.grid import cell_mps, cell_path, cell_timing, load_experiment, status
+    from fadelab.grid import cell_mark, cell_path, load_experiment, status
 
     exp = load_experiment(args.config, smoke=True if args.smoke else None)
     rows = status(exp, Path(args.out))
-    timing = [cell_timing(cell_path(args.out, c), c) if s == "done" else None for c, s in rows]
+    marks = [cell_mark(cell_path(args.out, c), c) if s == "done" else None for c, s in rows]
+    timing = [(m["seconds"], m["stages"]) if m is not None else None for m in marks]
     seconds = [t[0] if t is not None else None for t in timing]
     done = sum(s == "done" for _, s in rows)
     total = sum(x for x in seconds if x is not None)
@@ -29,7 +30,7 @@ def cmd_status(args) -> int:
           f"cell stores {on_disk / 1e9:.2f} GB, {free / 1e9:.1f} GB free)")
     if args.stages:
         print(stage_totals(timing))
-        mps = [cell_mps(cell_path(args.out, c), c) for c, s in rows if s == "done"]
+        mps = [m["mps"] for m in marks if m is not None]
         if any(m is not None for m in mps):
             print(f"cells run as CUDA MPS clients: {sum(m is True for m in mps)} of {len(mps)} done "
                   f"({sum(m is None for m in mps)} not recorded)")
