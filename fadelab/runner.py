@@ -305,16 +305,20 @@ def use_mps(mode: str, jobs: int, gpus: int) -> bool:
         return False
     if mode == "on":
         return True
-    return jobs > gpus and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not (DEFAULT_MPS_PIPE / "control").exists()
+    return jobs > gpus and not _mps_daemon_in_env()
+
+
+def _mps_daemon_in_env() -> bool:
+    """Whether CUDA work of this process would reach an MPS daemon already: one named by
+    CUDA_MPS_PIPE_DIRECTORY (ours, for run_local_jobs' children, or the user's) or a system-wide
+    one at DEFAULT_MPS_PIPE."""
+    return bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")) or (DEFAULT_MPS_PIPE / "control").exists()
 
 
 def mps_client(device: str) -> bool:
-    """Whether this process's CUDA work goes through an MPS daemon: ours (run_local_jobs sets
-    CUDA_MPS_PIPE_DIRECTORY for its children) or a system-wide one at DEFAULT_MPS_PIPE. Cells
-    record it with their timings, which MPS changes (docs/measured/2026-12-07-h100-ab-mps.txt)."""
-    if not str(device).startswith("cuda"):
-        return False
-    return bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")) or (DEFAULT_MPS_PIPE / "control").exists()
+    """Whether this process's CUDA work goes through an MPS daemon. Cells record it with their
+    timings, which MPS changes (docs/measured/2026-12-07-h100-ab-mps.txt)."""
+    return str(device).startswith("cuda") and _mps_daemon_in_env()
 
 
 def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
