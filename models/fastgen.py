@@ -283,16 +283,15 @@ class FastGenerator:
             applied.append("channels_last")
         if cfg.cudnn_benchmark:
             applied.append("cudnn_benchmark")
-        if (cfg.compile != "none" or cfg.compile_vae) and cfg.conv_1x1_as_mm:
+        if cfg.compile != "none" or cfg.compile_vae:  # inductor's process-wide settings
             import torch._inductor.config as inductor_config
 
-            inductor_config.conv_1x1_as_mm = True
-            applied.append("conv_1x1_as_mm")
-        if (cfg.compile != "none" or cfg.compile_vae) and "max-autotune" in cfg.compile_mode and not cfg.autotune_convs:
-            import torch._inductor.config as inductor_config
-
-            inductor_config.max_autotune_conv_backends = "ATEN"
-            applied.append("convolutions not autotuned")
+            if cfg.conv_1x1_as_mm:
+                inductor_config.conv_1x1_as_mm = True
+                applied.append("conv_1x1_as_mm")
+            if "max-autotune" in cfg.compile_mode and not cfg.autotune_convs:
+                inductor_config.max_autotune_conv_backends = "ATEN"
+                applied.append("convolutions not autotuned")
         if cfg.compile == "regional" and not getattr(denoiser, "_repeated_blocks", None):
             raise FadelabError(
                 f"compile='regional': {type(denoiser).__name__} names no repeated blocks; use compile='full'"
