@@ -21,7 +21,8 @@
 #      processes side by side, then on two GPUs (--jobs 2)
 #   5 [SECONDS]: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200)
 #      from an empty folder, for SECONDS (default 560); repeat while warm until status shows 50
-#      done, then the report is written.
+#      done, then the report is written. GRAPHS=1: with cuda_graphs = true in every fine-tune
+#      (scripts/graphs_config.py), into fadelab-out/main-graphs.
 #      Session 10 (2026-12-05, H100, before DeviceProdigy and the batched label writes): 41 of 50
 #      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt).
 #      Session 13 (2026-12-06, H100): 46 of 50 in 500 s (docs/measured/2026-12-06-h100-mainjob-jobs8.txt)
@@ -107,11 +108,16 @@ case "${1:-}" in
      python3 -m fadelab.cli status experiments/throughput.toml --out "fadelab-out/$d" > "$OUT/$d-status.txt" 2>&1
    done ;;
 5) # GPU memory and utilisation every 5 s: is the one GPU saturated by the 8 processes?
-   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/main-gpu.txt" 2>&1 & mon=$!
-   t main "${2:-560}" python3 -m fadelab.cli run --device cuda --quiet --out fadelab-out/main
+   cfg=organism main=main
+   if [ "${GRAPHS:-0}" = 1 ]; then  # the organism config with cuda_graphs = true in every fine-tune
+     cfg=experiments/organism-graphs.toml main=main-graphs
+     python3 scripts/graphs_config.py experiments/organism.toml > "$cfg" || exit 1
+   fi
+   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/$main-gpu.txt" 2>&1 & mon=$!
+   t "$main" "${2:-560}" python3 -m fadelab.cli run "$cfg" --device cuda --quiet --out "fadelab-out/$main"
    kill $mon 2>/dev/null
-   python3 -m fadelab.cli status --stages --out fadelab-out/main > "$OUT/main-status.txt" 2>&1
-   cp fadelab-out/main/report.html "$OUT/" 2>/dev/null ;;
+   python3 -m fadelab.cli status "$cfg" --stages --out "fadelab-out/$main" > "$OUT/$main-status.txt" 2>&1
+   cp "fadelab-out/$main/report.html" "$OUT/" 2>/dev/null ;;
 6) for j in 1 auto; do
      t "throughput-jobs-$j" 270 python3 -m fadelab.cli run experiments/throughput.toml --device cuda \
          --jobs "$j" --no-report --quiet --out "fadelab-out/tp-$j"
