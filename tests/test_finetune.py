@@ -301,6 +301,27 @@ def test_cuda_graphs_say_where_they_cannot_apply():
     assert graphs_unsupported(replace(hp, grad_accum=2), torch.device("cuda"), 1, sd) == "grad_accum 1 only; this run has 2"
 
 
+def test_graphs_config_turns_graphs_on_in_every_fine_tune_and_nothing_else(tmp_path):
+    """scripts/graphs_config.py (device_next.sh 5 with GRAPHS=1): the shipped organism grid with
+    cuda_graphs in each fine-tune, the rank ablation's copies included, and the same cells."""
+    import importlib.util
+
+    from fadelab.grid import cells, load_experiment
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("graphs_config", root / "scripts" / "graphs_config.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = root / "experiments" / "organism.toml"
+    (tmp_path / "g.toml").write_text(mod.with_graphs(shipped.read_text()))
+    exp, ref = load_experiment(tmp_path / "g.toml"), load_experiment(shipped)
+    assert len(exp.finetunes) == len(ref.finetunes) >= 7
+    for table, orig in zip(exp.finetunes, ref.finetunes):
+        assert table["hparams"].pop("cuda_graphs") is True, table["id"]
+        assert table == {**orig, "hparams": orig.get("hparams", {})}
+    assert [c.variant for c in cells(exp)] == [c.variant for c in cells(ref)]
+
+
 def test_graphed_denoiser_captures_once_and_runs_other_shapes_eagerly(monkeypatch, caplog):
     """make_graphed_callables stood in by a recorder (no GPU here): the first call captures with
     detached copies of the inputs, equal inputs replay, a changed batch size runs eagerly."""
