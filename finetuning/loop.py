@@ -248,7 +248,7 @@ class _Run:
 
             why = graphs_unsupported(hp, self.device, acc.num_processes, objective)
             if why:
-                log.info("cuda_graphs ignored: %s", why)
+                log.warning("cuda_graphs ignored: %s", why)
             else:
                 self.denoiser_call = GraphedDenoiser(self.denoiser_call)
         self.text_calls = [self.wrapped.get(c, getattr(work.pipe, c)) for c in objective.text_components]

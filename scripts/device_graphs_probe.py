@@ -15,11 +15,34 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def _distance(a, b) -> float:
+    """|a - b| over all sites of two deltas of one fine-tune."""
+    return sum(float((a.dense(s) - b.dense(s)).norm() ** 2) for s in a.sites()) ** 0.5
+
+
+def compare(method: str, runs: dict, rows: list) -> None:
+    """How far the graphed delta is from the eager one, against two eager runs' own distance."""
+    e, g, e2 = runs[False][0].delta, runs[True][0].delta, runs[False][1].delta
+    den = sum(float(e.dense(s).norm() ** 2) for s in e.sites()) ** 0.5
+    rows.append({"method": method, "delta_rel_diff_graphs_vs_eager": _distance(g, e) / den,
+                 "delta_rel_diff_eager_vs_eager": _distance(e2, e) / den})
+    print(json.dumps(rows[-1]), flush=True)
+
+
+def write(out: Path, rows: list, device: str) -> None:
+    import torch
+
+    (out / "graphs_probe.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+         "torch": torch.__version__, "rows": rows}, indent=1))
 
 
 def main() -> int:
@@ -47,11 +70,21 @@ def main() -> int:
     for method in args.methods.split(","):
         hp = H.defaults(method, "organism", steps=args.steps)
         data = subject if method == "dreambooth" else style
-        runs = {}
+        runs, failed = {}, False
         for rep in range(2):
             for graphs in (False, True):
+                if failed:
+                    break
                 t = time.perf_counter()
-                r = train(model, data, replace(hp, cuda_graphs=graphs), seed=1, progress=False)
+                try:
+                    r = train(model, data, replace(hp, cuda_graphs=graphs), seed=1, progress=False)
+                except Exception as e:  # a capture that fails: say so and go on to the next method
+                    traceback.print_exc()
+                    rows.append({"method": method, "cuda_graphs": graphs, "rep": rep,
+                                 "error": f"{type(e).__name__}: {e}"[:500]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    failed = True
+                    break
                 wall = time.perf_counter() - t
                 runs.setdefault(graphs, []).append(r)
                 rows.append({"method": method, "cuda_graphs": graphs, "rep": rep, "steps": args.steps,
@@ -59,21 +92,13 @@ def main() -> int:
                              "train_seconds": r.info["seconds"], "wall_seconds": round(wall, 3),
                              "last_loss": float(r.loss[-1]), "graphs_info": r.info["cuda_graphs"]})
                 print(json.dumps(rows[-1]), flush=True)
-        e, g = runs[False][0].delta, runs[True][0].delta
-        num = sum(float((g.dense(s) - e.dense(s)).norm() ** 2) for s in e.sites()) ** 0.5
-        den = sum(float(e.dense(s).norm() ** 2) for s in e.sites()) ** 0.5
-        e2 = runs[False][1].delta
-        num2 = sum(float((e2.dense(s) - e.dense(s)).norm() ** 2) for s in e.sites()) ** 0.5
-        rows.append({"method": method, "delta_rel_diff_graphs_vs_eager": num / den,
-                     "delta_rel_diff_eager_vs_eager": num2 / den})
-        print(json.dumps(rows[-1]), flush=True)
-        (out / "graphs_probe.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-             "torch": torch.__version__, "rows": rows}, indent=1))
+        if not failed:
+            compare(method, runs, rows)
+        write(out, rows, args.device)
     print("\nmethod      graphs  step_s (rep 0, rep 1)")
     for method in args.methods.split(","):
         for graphs in (False, True):
-            s = [r["step_seconds"] for r in rows if r.get("method") == method and r.get("cuda_graphs") is graphs]
+            s = [r.get("step_seconds") for r in rows if r.get("method") == method and r.get("cuda_graphs") is graphs]
             print(f"{method:11s} {str(graphs):6s}  " + ", ".join(f"{x:.4f}" for x in s if x is not None))
     return 0
 

@@ -56,6 +56,10 @@
 #      scripts/device_graphs_probe.py, full, LoRA, DoRA and DreamBooth at STEPS steps (default 60),
 #      eager and graphed alternating twice; seconds per step and the graphed delta's distance from
 #      the eager one. If the graphs pay, the main job's fine-tunes can turn them on
+#  10 [STEPS [PROBE_S [JOBS [SECONDS]]]]: issue 7: call 9 for at most PROBE_S s (default 220), then
+#      the throughput slice with cuda_graphs on and off side by side, JOBS processes each (default
+#      4), all under one CUDA MPS daemon, for at most SECONDS (default 180): the graphs under the
+#      main job's kind of load, in one machine start
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -145,7 +149,26 @@ case "${1:-}" in
    command -v nvidia-cuda-mps-control || echo "no nvidia-cuda-mps-control on this machine" ;;
 9) t graphs-probe 540 python3 scripts/device_graphs_probe.py --out "$OUT/graphs" --steps "${2:-60}"
    tail -12 "$OUT/graphs-probe.log" ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]" >&2; exit 2 ;;
+10) # CUDA graphs in one call: the probe (call 9) for at most PROBE_S seconds, then the throughput
+   # slice with graphs on and off side by side, JOBS processes each (default 4), all clients of one
+   # CUDA MPS daemon started here (the runner leaves a daemon in CUDA_MPS_PIPE_DIRECTORY alone)
+   t graphs-probe "${3:-220}" python3 scripts/device_graphs_probe.py --out "$OUT/graphs" --steps "${2:-60}"
+   python3 scripts/graphs_config.py experiments/throughput.toml > experiments/throughput-graphs.toml || exit 1
+   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+   nvidia-cuda-mps-control -d || { echo "[slices] no MPS daemon" | tee -a "$OUT/lanes.txt"; unset CUDA_MPS_PIPE_DIRECTORY; }
+   for c in throughput-graphs throughput; do
+     t "slice-$c" "${5:-180}" python3 -m fadelab.cli run "experiments/$c.toml" --device cuda --jobs "${4:-4}" \
+         --quiet --no-report --out "fadelab-out/$c" &
+   done
+   wait
+   [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && echo quit | nvidia-cuda-mps-control
+   for c in throughput-graphs throughput; do
+     python3 -m fadelab.cli status "experiments/$c.toml" --stages --out "fadelab-out/$c" > "$OUT/slice-$c-status.txt" 2>&1
+   done
+   grep -h "cuda_graphs" "$OUT/slice-throughput-graphs.log" | sort | uniq -c | head
+   tail -12 "$OUT/graphs-probe.log"; cat "$OUT"/slice-*-status.txt | grep -v "^  done" ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
