@@ -16,7 +16,8 @@ DoRA and a frozen base all work as in eager mode. Gradients reach the parameters
 text encoder through the condition) through autograd as before.
 
 Limits: the shapes, dtypes and requires_grad of (zt, t, condition) must stay those of the first
-call (a fine-tune's batch is fixed); a call that differs runs eagerly, with a warning. Autocast
+call (a fine-tune's batch is fixed); a call that differs runs eagerly, with a warning, and so does
+every call after a capture that fails. Autocast
 must not cache casts (`cache_enabled=False`, what objectives.py passes when graphs are on). One
 process only: DDP's gradient hooks are not captured. One micro-batch per step: autograd may keep
 the graph's static gradient tensor as a parameter's .grad, and a second micro-batch's replay
@@ -60,19 +61,16 @@ class GraphedDenoiser:
         self.graphed: Any = None
         self.signature: tuple | None = None
         self.eager_calls = 0
+        self.failed: str | None = None  # why the capture failed; the denoiser then runs eagerly
 
     def __call__(self, zt: Tensor, t: Tensor, encoder_hidden_states: Tensor, return_dict: bool = False) -> tuple:
         args = (zt, t, encoder_hidden_states)
         sig = _signature(args)
+        if self.graphed is None and self.failed is None:
+            self._capture(args, sig)
         if self.graphed is None:
-            # samples with the real inputs' values and requires_grad, detached from their graphs
-            sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            # unused trainable parameters get no gradient, as in eager mode (instead of an error)
-            self.graphed = torch.cuda.make_graphed_callables(_Call(self.denoiser), sample, allow_unused_input=True)
-            self.signature = sig
-            log.info("cuda_graphs: denoiser forward and backward captured for inputs %s",
-                     [tuple(a.shape) for a in args])
-        if sig != self.signature:
+            out = self.denoiser(zt, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        elif sig != self.signature:
             if not self.eager_calls:
                 log.warning("cuda_graphs: inputs %s differ from the captured %s; eager for this call",
                             sig, self.signature)
@@ -81,6 +79,22 @@ class GraphedDenoiser:
         else:
             out = self.graphed(*args)
         return (out,)  # as return_dict=False, the objectives' call
+
+    def _capture(self, args: tuple[Tensor, ...], sig: tuple) -> None:
+        """Record the graphs; a model with an op that cannot be captured (a host sync, a CPU
+        tensor) trains on eagerly, with a warning, instead of failing the run. The capture's
+        warm-up passes use torch.autograd.grad, so they leave the parameters' .grad alone."""
+        # samples with the real inputs' values and requires_grad, detached from their graphs
+        sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        try:
+            # unused trainable parameters get no gradient, as in eager mode (instead of an error)
+            self.graphed = torch.cuda.make_graphed_callables(_Call(self.denoiser), sample, allow_unused_input=True)
+        except Exception as e:  # noqa: BLE001 -- any capture failure falls back to eager steps
+            self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            log.warning("cuda_graphs: capture failed (%s); the denoiser runs eagerly from here", self.failed)
+            return
+        self.signature = sig
+        log.info("cuda_graphs: denoiser forward and backward captured for inputs %s", [tuple(a.shape) for a in args])
 
 
 def graphs_unsupported(hp, device: torch.device, processes: int, objective: Any) -> str | None:

@@ -332,6 +332,17 @@ def _to_cpu(delta: dict) -> dict:
     return {s: map_update(u, lambda t: t.detach().cpu()) for s, u in delta.items()}
 
 
+def _graphs_info(call) -> dict | bool:
+    """info["cuda_graphs"]: {"eager_calls": n} where the denoiser was captured and replayed (n
+    calls of other shapes ran eagerly), {"failed": why} where its capture failed, False where
+    graphs were off or could not apply."""
+    if getattr(call, "graphed", None) is not None:
+        return {"eager_calls": call.eager_calls}
+    if getattr(call, "failed", None):
+        return {"failed": call.failed}
+    return False
+
+
 def train(
     model: Any,
     data: Any,
@@ -515,9 +526,7 @@ def train(
             "data": str(getattr(dataset, "folder", "in memory")), "images": len(dataset),
             "family": model.family, "weights": model.weights, "cache": hp.cache,
             "bf16_autocast": hp.mixed_precision == "bf16" and acc.device.type == "cuda",
-            # captured and replayed steps' denoiser calls, or False where eager (graphs off or ignored)
-            "cuda_graphs": (getattr(run.denoiser_call, "graphed", None) is not None
-                            and {"eager_calls": run.denoiser_call.eager_calls}),
+            "cuda_graphs": _graphs_info(run.denoiser_call),
             "base_delta": base_delta.provenance if base_delta is not None else None,
             "attention": sorted({type(p).__name__ for p in run.denoiser.attn_processors.values()}),
             **objective.info(),

@@ -352,6 +352,30 @@ def test_graphed_denoiser_captures_once_and_runs_other_shapes_eagerly(monkeypatc
     assert "differ from the captured" in caplog.text
 
 
+def test_a_failed_capture_trains_on_eagerly_and_says_why(monkeypatch, caplog):
+    import logging
+
+    from finetuning import graphs
+    from finetuning.loop import _graphs_info
+
+    tries = []
+
+    def failing(module, sample, allow_unused_input=False):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore lines")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing)
+    g = graphs.GraphedDenoiser(None)
+    g.denoiser = lambda zt, t, encoder_hidden_states, return_dict: (zt * 2,)
+    zt, t, c = torch.ones(2, 4), torch.zeros(2, dtype=torch.long), torch.ones(2, 3)
+    with caplog.at_level(logging.WARNING, logger="finetuning.graphs"):
+        outs = [g(zt, t, encoder_hidden_states=c)[0] for _ in range(3)]
+    assert all(torch.equal(o, zt * 2) for o in outs) and len(tries) == 1  # one try, then eager
+    assert "capture failed (RuntimeError: operation not permitted when stream is capturing)" in caplog.text
+    assert _graphs_info(g) == {"failed": "RuntimeError: operation not permitted when stream is capturing"}
+    assert _graphs_info(object()) is False
+
+
 @needs_weights
 def test_cuda_graphs_on_the_cpu_change_nothing(model, style, caplog):
     import logging
