@@ -247,10 +247,11 @@ class _Run:
             from finetuning.graphs import GraphedDenoiser, graphs_unsupported
 
             why = graphs_unsupported(hp, self.device, acc.num_processes, objective)
-            if why:
-                log.warning("cuda_graphs ignored: %s", why)
+            if why:  # said aloud only where the user asked for graphs outright
+                log.log(logging.WARNING if hp.cuda_graphs is True else logging.INFO, "cuda_graphs ignored: %s", why)
             else:
                 self.denoiser_call = GraphedDenoiser(self.denoiser_call)
+                objective.autocast_cache = False  # capture needs autocast without its cast cache
         self.text_calls = [self.wrapped.get(c, getattr(work.pipe, c)) for c in objective.text_components]
 
     def step(self, step: int) -> Tensor:

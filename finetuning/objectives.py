@@ -87,11 +87,12 @@ def text_encoder_names(pipe: Any) -> tuple[str, ...]:
             "flux": ("text_encoder",)}[family_kind(pipe)]
 
 
-def _autocast(device: torch.device, hp: Any):
-    """The training forward's autocast: hp's precision, without the cast cache under CUDA graphs."""
+def _autocast(objective: "Objective"):
+    """The training forward's autocast: hp's precision, without the cast cache under CUDA graphs
+    (the training loop clears objective.autocast_cache when it captures the denoiser)."""
     from .cache import _autocast as autocast
 
-    return autocast(device, hp.mixed_precision == "bf16", cache=not getattr(hp, "cuda_graphs", False))
+    return autocast(objective.device, objective.hp.mixed_precision == "bf16", cache=objective.autocast_cache)
 
 
 class Objective:
@@ -110,6 +111,7 @@ class Objective:
 
     def __init__(self, pipe: Any, hp: Any, resolution: int, device: torch.device, family: str = "") -> None:
         self.hp, self.resolution, self.device, self.family = hp, resolution, device, family
+        self.autocast_cache = True
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.latent_size = resolution // self.vae_scale_factor
 
@@ -174,7 +176,7 @@ class EpsilonObjective(Objective):
         zt = self.noise.add_noise(z0, eps, t)
         v = self.noise.config.prediction_type == "v_prediction"
         target = self.noise.get_velocity(z0, eps, t) if v else eps
-        with _autocast(self.device, self.hp):
+        with _autocast(self):
             pred = self.predict(denoiser, zt.to(dtype), t, tuple(c.to(dtype) for c in cond))
         per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.hp.snr_gamma is not None:
@@ -267,7 +269,7 @@ class FlowObjective(Objective):
         hidden, pooled = (x.to(dtype) for x in cond)
         text_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=dtype)
         guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=self.device)
-        with _autocast(self.device, self.hp):
+        with _autocast(self):
             pred = denoiser(hidden_states=self.pack(zt.to(dtype), b, c, h, w), timestep=t.to(dtype),
                             guidance=guidance, pooled_projections=pooled, encoder_hidden_states=hidden,
                             txt_ids=text_ids, img_ids=self.image_ids.to(dtype), return_dict=False)[0]

@@ -72,8 +72,11 @@ def test_hparams_files_and_bad_values(tmp_path):
         H.defaults("full", warmup_steps=5)
     with pytest.raises(FadelabError, match="template"):
         H.defaults("textual-inversion", templates=("a photo",))
-    with pytest.raises(FadelabError, match="cuda_graphs='yes'; give true or false"):
+    with pytest.raises(FadelabError, match="cuda_graphs='yes'; give true, false or \"auto\""):
         H.defaults("lora", cuda_graphs="yes")
+    with pytest.raises(FadelabError, match="cuda_graphs=1; give true, false"):
+        H.defaults("lora", cuda_graphs=1)
+    assert H.defaults("lora").cuda_graphs is False and H.defaults("lora", "organism").cuda_graphs == "auto"
     with pytest.raises(FadelabError, match="cache=1; give true or false"):
         H.defaults("full", cache=1)
 
@@ -380,14 +383,17 @@ def test_a_failed_capture_trains_on_eagerly_and_says_why(monkeypatch, caplog):
 def test_cuda_graphs_on_the_cpu_change_nothing(model, style, caplog):
     import logging
 
-    hp = short("lora", steps=2, batch_size=2, lr=1e-2, target="unet")
+    hp = short("lora", steps=2, batch_size=2, lr=1e-2, target="unet", cuda_graphs=False)
     eager = train(model, style, hp, seed=5, progress=False)
-    with caplog.at_level(logging.INFO, logger="finetuning.loop"):
-        asked = train(model, style, replace(hp, cuda_graphs=True), seed=5, progress=False)
-    assert "cuda_graphs ignored: CUDA only" in caplog.text
-    assert asked.info["cuda_graphs"] is False and np.array_equal(asked.loss, eager.loss)
-    for site in eager.delta.sites():
-        assert torch.equal(asked.delta.dense(site), eager.delta.dense(site))
+    for setting, level in ((True, logging.WARNING), ("auto", logging.INFO)):  # asked outright: a warning
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="finetuning.loop"):
+            asked = train(model, style, replace(hp, cuda_graphs=setting), seed=5, progress=False)
+        said = [r for r in caplog.records if "cuda_graphs ignored: CUDA only" in r.getMessage()]
+        assert [r.levelno for r in said] == [level], setting
+        assert asked.info["cuda_graphs"] is False and np.array_equal(asked.loss, eager.loss)
+        for site in eager.delta.sites():
+            assert torch.equal(asked.delta.dense(site), eager.delta.dense(site))
 
 
 @needs_weights
@@ -400,7 +406,7 @@ def test_cuda_graphs_train_as_eager_does_on_a_gpu():
     gpu = models.load("organism", device="cuda")
     data = organism_data.write_style_set(Path(tempfile.mkdtemp()), n=32, seed=0)
     for method in ("lora", "full"):
-        hp = short(method, steps=20, batch_size=8)
+        hp = short(method, steps=20, batch_size=8, cuda_graphs=False)
         eager = train(gpu, data, hp, seed=2, progress=False)
         graphed = train(gpu, data, replace(hp, cuda_graphs=True), seed=2, progress=False)
         assert graphed.info["cuda_graphs"] == {"eager_calls": 0}
