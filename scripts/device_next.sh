@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The lab's GPU work as calls of under 10 minutes, the done ones kept for reruns. Owed after
-# session 18 (2026-12-07), in this order: 9 (CUDA graphs for the organism's fine-tunes, never run
-# on a GPU), 5 (the main job, now under CUDA MPS), 4 (two GPUs). Calls 1-3 and 5-9
-# need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
+# session 19 (2026-12-07), in this order: 5 (the main job to its end with the shipped defaults,
+# CUDA MPS and cuda_graphs = "auto", and its merge and report profiled), 4 (two GPUs). Calls 1-3
+# and 5-10 need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
 # sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).
 # Chain calls back to back only where a call resumes the last one's ignored outputs (the smoke
@@ -19,10 +19,13 @@
 #      2 on an H200). flux-schnell.toml --smoke ran all 6 cells on 2026-12-04 (`3 flux-schnell`)
 #   4 (2 GPUs): issue 10: the 9-cell experiments/throughput.toml on one GPU and on one GPU with 3
 #      processes side by side, then on two GPUs (--jobs 2)
-#   5 [SECONDS]: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200)
+#   5 [SECONDS [REPORT_SECONDS]]: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200)
 #      from an empty folder, for SECONDS (default 560); repeat while warm until status shows 50
-#      done, then the report is written. GRAPHS=1: with cuda_graphs = true in every fine-tune
-#      (scripts/graphs_config.py), into fadelab-out/main-graphs.
+#      done; then the merge and report in their own process under cProfile (for at most
+#      REPORT_SECONDS, default 240; $OUT/main-report.prof). GRAPHS=1: with cuda_graphs = true in
+#      every fine-tune (scripts/graphs_config.py), into fadelab-out/main-graphs.
+#      Session 19 (2026-12-07, H100, code de33057, GRAPHS=1, under MPS): all 50 cells in about
+#      260 s, the merge and report unfinished at 300 s (docs/measured/2026-12-07-h100-mainjob-graphs-mps.txt)
 #      Session 10 (2026-12-05, H100, before DeviceProdigy and the batched label writes): 41 of 50
 #      in 540 s; 46 in 690 s on a second machine (docs/measured/2026-12-05-h100-mainjob-jobs8.txt).
 #      Session 13 (2026-12-06, H100): 46 of 50 in 500 s (docs/measured/2026-12-06-h100-mainjob-jobs8.txt)
@@ -55,11 +58,13 @@
 #      forward and backward (TrainHParams.cuda_graphs, new in session 18, never run on a GPU):
 #      scripts/device_graphs_probe.py, full, LoRA, DoRA and DreamBooth at STEPS steps (default 60),
 #      eager and graphed alternating twice; seconds per step and the graphed delta's distance from
-#      the eager one. If the graphs pay, the main job's fine-tunes can turn them on
+#      the eager one. Done in session 19 within call 10 (2026-12-07, H100): 2.8-5.1x faster steps,
+#      deltas equal bit for bit (docs/measured/2026-12-07-h100-graphs.txt)
 #  10 [STEPS [PROBE_S [JOBS [SECONDS]]]]: issue 7: call 9 for at most PROBE_S s (default 220), then
 #      the throughput slice with cuda_graphs on and off side by side, JOBS processes each (default
 #      4), all under one CUDA MPS daemon, for at most SECONDS (default 180): the graphs under the
-#      main job's kind of load, in one machine start
+#      main job's kind of load, in one machine start. Session 19 (2026-12-07, H100): the slice in
+#      67 s with graphs against 106 s without (docs/measured/2026-12-07-h100-graphs.txt)
 #
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
@@ -118,8 +123,12 @@ case "${1:-}" in
      python3 scripts/graphs_config.py experiments/organism.toml > "$cfg" || exit 1
    fi
    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/$main-gpu.txt" 2>&1 & mon=$!
-   t "$main" "${2:-560}" python3 -m fadelab.cli run "$cfg" --device cuda --quiet --out "fadelab-out/$main"
+   # the cells first, then the merge and report in a process of their own under cProfile: session
+   # 19's run had every cell done in about 260 s and its merge and report unfinished 40 s later
+   t "$main" "${2:-560}" python3 -m fadelab.cli run "$cfg" --device cuda --quiet --no-report --out "fadelab-out/$main"
    kill $mon 2>/dev/null
+   t "$main-report" "${3:-240}" python3 -m cProfile -o "$OUT/$main-report.prof" -m fadelab.cli run "$cfg" \
+       --device cuda --quiet --out "fadelab-out/$main"
    python3 -m fadelab.cli status "$cfg" --stages --out "fadelab-out/$main" > "$OUT/$main-status.txt" 2>&1
    cp "fadelab-out/$main/report.html" "$OUT/" 2>/dev/null ;;
 6) for j in 1 auto; do
@@ -168,7 +177,7 @@ case "${1:-}" in
    done
    grep -h "cuda_graphs" "$OUT/slice-throughput-graphs.log" | sort | uniq -c | head
    tail -12 "$OUT/graphs-probe.log"; cat "$OUT"/slice-*-status.txt | grep -v "^  done" ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]" >&2; exit 2 ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS [REPORT_SECONDS]]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
