@@ -18,7 +18,7 @@ text encoder through the condition) through autograd as before.
 Limits: the shapes, dtypes and requires_grad of (zt, t, condition) must stay those of the first
 call (a fine-tune's batch is fixed); a call that differs runs eagerly, with a warning, and so does
 every call after a capture that fails. Autocast
-must not cache casts (`cache_enabled=False`, what objectives.py passes when graphs are on). One
+must not cache casts (`cache_enabled=False`, what objectives.py passes once graphs are captured). One
 process only: DDP's gradient hooks are not captured. One micro-batch per step: autograd may keep
 the graph's static gradient tensor as a parameter's .grad, and a second micro-batch's replay
 would overwrite it before accumulating into it.

@@ -103,6 +103,8 @@ class Objective:
         denoiser: the denoising component's name.
         text_components: the pipeline's text encoders, in the order `encode` reads them.
         latent_channels: channels of z0 (the VAE latent).
+        autocast_cache: whether the training forward's autocast caches casts (True; the loop sets
+            False when it captures the denoiser as CUDA graphs).
     """
 
     kind = ""
