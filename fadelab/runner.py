@@ -362,6 +362,7 @@ def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env) -> li
         elif gpus:
             env["CUDA_VISIBLE_DEVICES"] = child_gpu(i, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
         env.setdefault("OMP_NUM_THREADS", threads)  # N processes, not N x all cores of threads
+        env["TQDM_DISABLE"] = "1"  # the children run --quiet; the parent's bar counts their cells
         cmd = [sys.executable, "-m", "fadelab.cli", "run", *([config] if config else []),
                "--out", str(out), "--queue", str(queue), "--device", device, "--no-report",
                "--quiet", *(["--smoke"] if smoke else [])]

@@ -118,6 +118,8 @@ def test_children_are_clients_numbered_from_zero(fake_mps, monkeypatch, tmp_path
     runner.run_local_jobs(None, tmp_path / "out", 4, "cuda", smoke=True, progress=False, mps="off")
     assert [e["CUDA_VISIBLE_DEVICES"] for e in seen] == ["2", "3", "2", "3"]
     assert not any("CUDA_MPS_PIPE_DIRECTORY" in e for e in seen)
+    # the children run --quiet, and their probes' and libraries' bars obey only tqdm's variable
+    assert all(e["TQDM_DISABLE"] == "1" for e in seen)
 
 
 def test_mps_client_reads_the_environment(monkeypatch, tmp_path):
