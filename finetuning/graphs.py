@@ -71,17 +71,14 @@ class GraphedDenoiser:
         sig = _signature(args)
         if self.graphed is None and self.failed is None:
             self._capture(args, sig)
-        if self.graphed is None:
-            out = self.denoiser(zt, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-        elif sig != self.signature:
+        if self.graphed is not None and sig == self.signature:
+            return (self.graphed(*args),)  # as return_dict=False, the objectives' call
+        if self.graphed is not None:  # captured, but for other inputs
             if not self.eager_calls:
                 log.warning("cuda_graphs: inputs %s differ from the captured %s; eager for this call",
                             sig, self.signature)
             self.eager_calls += 1
-            out = self.denoiser(zt, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-        else:
-            out = self.graphed(*args)
-        return (out,)  # as return_dict=False, the objectives' call
+        return (self.denoiser(zt, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0],)
 
     def _capture(self, args: tuple[Tensor, ...], sig: tuple) -> None:
         """Record the graphs; a model with an op that cannot be captured (a host sync, a CPU
