@@ -9,7 +9,6 @@ What it offers:
     cell_path(out, cell), cell_done(path)     where a cell writes, and whether it finished
     status(exp, out)                     done / partial / missing per cell
     cell_mark(path, cell)                a done cell's wall seconds, seconds per stage and MPS flag
-    cell_timing(path, cell), cell_mps(path, cell)   the first two, or the last, of those
     merge(exp, out)                      DIR/experiment.h5: one store joining every cell file by
                                          HDF5 external links (no array is copied)
 
@@ -375,19 +374,6 @@ def cell_mark(path: str | os.PathLike, cell: Cell) -> dict[str, Any] | None:
                     "mps": None if mps is None else bool(mps)}
     except (StoreError, KeyError, IndexError):
         return None
-
-
-def cell_timing(path: str | os.PathLike, cell: Cell) -> tuple[float, dict[str, float]] | None:
-    """(wall seconds, {stage: seconds}) of a done cell (`cell_mark`); None if not done."""
-    mark = cell_mark(path, cell)
-    return None if mark is None else (mark["seconds"], mark["stages"])
-
-
-def cell_mps(path: str | os.PathLike, cell: Cell) -> bool | None:
-    """Whether a done cell ran as a CUDA MPS client (`cell_mark`); None when not done, or marked
-    before this was recorded."""
-    mark = cell_mark(path, cell)
-    return None if mark is None else mark["mps"]
 
 
 def status(exp: Experiment, out: str | os.PathLike) -> list[tuple[Cell, str]]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fadelab.cli import main
-from fadelab.grid import cell_mps, cell_path, cell_timing, cells, load_experiment, merge, parse_shard, shard, status
+from fadelab.grid import cell_mark, cell_path, cells, load_experiment, merge, parse_shard, shard, status
 from models.errors import FadelabError
 from models.organism.nets import WEIGHTS_DIR
 
@@ -208,8 +208,9 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     assert lines[1].startswith("stages over the done cells: ") and "finetune " in lines[1], lines[1]
     assert lines[2] == "cells run as CUDA MPS clients: 0 of 4 done (0 not recorded)", lines[2]  # the CPU
     ef = next(c for c in cells(exp) if c.kind == "edit_finetune")
-    assert cell_mps(cell_path(out, ef), ef) is False
-    wall, stages = cell_timing(cell_path(out, ef), ef)
+    mark = cell_mark(cell_path(out, ef), ef)
+    assert mark["mps"] is False
+    wall, stages = mark["seconds"], mark["stages"]
     assert list(stages) == ["edit", "finetune", "write", "project_out", "evaluate", "weight_probes",
                             "neuron_probes"]
     assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= wall
