@@ -327,29 +327,35 @@ def run_local_jobs(config: str | None, out: Path, jobs: int, device: str,
     device is CUDA; several may share one), each taking the next unclaimed cell from a queue
     folder under out/cells (`queued_cells`) until none is left. A failed process fails the call
     with its number named; the cells it finished stay done. `mps` ("auto", "on", "off"): run the
-    processes as clients of a private CUDA MPS daemon (`use_mps`, `mps_daemon`)."""
+    processes as clients of a private CUDA MPS daemon (`use_mps`, `mps_daemon`). Starts no more
+    processes than cells are left, and none when every cell is done."""
+    from fadelab.grid import cell_done, cell_path, cells, load_experiment
     from models.errors import FadelabError
 
     if jobs < 1:
         raise FadelabError(f"--jobs {jobs}: give a positive number of processes")
+    grid = cells(load_experiment(config, smoke=smoke))
+    before = [c for c in grid if cell_done(cell_path(out, c), c)]  # before any writer starts
+    # no more processes than cells left to run: each one starts CUDA and loads the model for nothing
+    jobs = min(jobs, len(grid) - len(before))
+    if jobs == 0:
+        log.info("all %d cells are done in %s; no process started", len(grid), out)
+        return []
     gpus = _cuda_count() if device.startswith("cuda") else 0
     if not use_mps(mode=mps, jobs=jobs, gpus=gpus):
-        return _local_jobs(config, out, jobs, device, smoke, progress, gpus, None)
+        return _local_jobs(config, out, jobs, device, smoke, progress, gpus, None, grid, before)
     with mps_daemon(required=mps == "on") as mps_env:
-        return _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env)
+        return _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env, grid, before)
 
 
-def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env) -> list[dict]:
+def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env, grid, before) -> list[dict]:
     import subprocess
     import sys
 
-    from fadelab.grid import cell_done, cell_path, cells, load_experiment
     from models.errors import FadelabError
 
     queue = Path(out) / "cells" / f".queue-{os.getpid()}-{time.time_ns()}"
     queue.mkdir(parents=True)
-    grid = cells(load_experiment(config, smoke=smoke))
-    before = [c for c in grid if cell_done(cell_path(out, c), c)]  # before any writer starts
     for c in before:
         (queue / c.id).write_text(DONE_BEFORE)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -386,9 +392,11 @@ def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env) -> li
     return results
 
 
-def _watch(queue: Path, total: int, before: int, procs: list, progress: bool, poll_s: float = 5.0) -> None:
+def _watch(queue: Path, total: int, before: int, procs: list, progress: bool, poll_s: float = 1.0) -> None:
     """Until every process has exited: a bar of the grid's done cells (the processes run --quiet),
-    counted from the queue's .done marks, not by opening stores that processes are writing."""
+    counted from the queue's .done marks, not by opening stores that processes are writing.
+    Polled every second: the merge waits on the last exit (a 5 s poll cost the GPU main job up
+    to 5 s, 2026-12-07)."""
     from tqdm.auto import tqdm
 
     done = lambda: before + len(list(queue.glob("*.done")))  # noqa: E731

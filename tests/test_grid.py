@@ -233,6 +233,15 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     html = (out / "report.html").read_text()
     assert "table3_unsafe" in html and "data:image/png;base64" in html
     assert "neurons_shared_fade" in html
+    # with every cell done, --jobs starts no process (each would load the model for nothing)
+    from fadelab import runner
+
+    def no_process(*a, **kw):
+        raise AssertionError("a process was started for a grid with every cell done")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess, "Popen", no_process)
+        assert runner.run_local_jobs(str(cfg), out, 2, "cpu", progress=False) == []
     # a rerun recomputes nothing; a lost cell is redone alone
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.h5")}
     edit_cell = next(c for c in cells(exp) if c.kind == "edit")
