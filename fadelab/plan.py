@@ -690,7 +690,8 @@ def _weight_probes(ctx, st, cell, d_ed, keys, ft) -> None:
     sites = probe_sites([s for s in d_ed.sites() if s in set(ft.delta.sites())] or d_ed.sites(),
                         int(ctx.exp.probes.get("weight_sites", 0)))
     base = snapshot(ctx.model, [s for s in sites if "." in s])
-    cfg = WeightProbeConfig(k=int(ctx.exp.probes.get("subspace_k", 8)))  # on the model's device
+    cfg = WeightProbeConfig(k=int(ctx.exp.probes.get("subspace_k", 8)),  # on the model's device
+                            progress=ctx.progress)
     final, steps = probe_weights_final_and_steps(base, d_ed, ft.delta, ft.checkpoints, keys, cfg, sites=sites)
     names = [m for m in SCALARS if m in final]
     table = np.stack([final[m].values for m in names])  # (metric, site)
@@ -820,13 +821,15 @@ def _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, ft_table) -> None:
 
     def acts(delta, prompts):
         with (apply_delta(ctx.model, delta) if delta is not None else nullcontext()):
-            return text_activations(ctx.model, prompts, [site], position=position)[site].numpy()
+            return text_activations(ctx.model, prompts, [site], position=position,
+                                    progress=ctx.progress)[site].numpy()
 
     ne = len(edit_prompts)
     a_ed = acts(d_ed, edit_prompts + c_prompts)
     a_m = acts(None, edit_prompts) if ref_is_m else None
     a_ft = acts(d_ed + ft.delta, edit_prompts)
-    ncfg = pn.NeuronProbeConfig(probes=bool(cfg.get("neuron_sparse_probes", True)), seed=ctx.exp.seed)
+    ncfg = pn.NeuronProbeConfig(probes=bool(cfg.get("neuron_sparse_probes", True)), seed=ctx.exp.seed,
+                                progress=ctx.progress)
     poly = pn.polysemanticity(a_ed[ne:], c_labels, ncfg)
     feature = (pn.selective_neurons(poly, "ft", by=cfg.get("neuron_feature_by", "z"))
                if "ft" in poly["concept"].values else np.array([], int))

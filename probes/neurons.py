@@ -82,6 +82,7 @@ class NeuronProbeConfig:
         probe_min_prompts: concepts with fewer positive or negative prompts get no probe (NaN).
         probes: fit the sparse probes at all (they dominate the cost).
         seed: the split of prompts for the probes.
+        progress: show a bar over the sparse probes (`fadelab run --quiet` turns it off).
     """
 
     z_threshold: float = 3.0
@@ -92,6 +93,7 @@ class NeuronProbeConfig:
     probe_min_prompts: int = 4
     probes: bool = True
     seed: int = 0
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.z_method not in ("robust", "std"):
@@ -214,7 +216,8 @@ def sparse_probes(x: np.ndarray, y: np.ndarray, cfg: NeuronProbeConfig = NeuronP
     coef = np.full((y.shape[1], x.shape[1]), np.nan)
     acc = np.full(y.shape[1], np.nan)
     names = concepts or [str(c) for c in range(y.shape[1])]
-    for c in tqdm(range(y.shape[1]), desc="sparse probes", unit="concept", leave=False):
+    for c in tqdm(range(y.shape[1]), desc="sparse probes", unit="concept", leave=False,
+                  disable=not cfg.progress):
         t = y[:, c]
         if min(t.sum(), (~t).sum()) < cfg.probe_min_prompts:
             log.info("no probe for %r: %d positive, %d negative prompts", names[c], t.sum(), (~t).sum())
@@ -274,7 +277,7 @@ def polysemanticity(x: Any, labels: Sequence[Iterable[str]] | np.ndarray,
         ds["probe_coef"] = (("concept", "neuron"), coef)
         ds["probe_accuracy"] = ("concept", acc)
         ds["n_probe_concepts"] = ("neuron", (np.nan_to_num(coef) != 0).sum(axis=0))
-    ds.attrs["config"] = json.dumps(asdict(cfg))
+    ds.attrs["config"] = json.dumps({k: v for k, v in asdict(cfg).items() if k != "progress"})  # results only
     return ds
 
 

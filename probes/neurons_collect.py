@@ -94,7 +94,8 @@ def _pool(x: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor) -> torch.
 @torch.no_grad()
 def text_activations(model: Any, prompts: Sequence[str], sites: Sequence[str], *,
                      position: str | int = "last", subjects: Sequence[str] | None = None,
-                     what: str = "input", batch_size: int = 64) -> dict[str, torch.Tensor]:
+                     what: str = "input", batch_size: int = 64,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
     """Activations per site, float32 on the CPU, (n_prompts, n_units).
 
     Args:
@@ -107,6 +108,7 @@ def text_activations(model: Any, prompts: Sequence[str], sites: Sequence[str], *
         subjects: one subject phrase per prompt, for position="subject".
         what: "input" or "output" of the text sites.
         batch_size: prompts per forward pass.
+        progress: show a bar over the batches.
 
     Variants: wrap the call in models.apply_delta(model, delta) to read M_ed, M_ft or M_ed_ft.
     """
@@ -127,7 +129,8 @@ def text_activations(model: Any, prompts: Sequence[str], sites: Sequence[str], *
     device = next(encoder.parameters()).device
     mods = {s: model.module(s) for s in text_sites}
     out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    for start in tqdm(range(0, len(prompts), batch_size), desc="activations", unit="batch", leave=False):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="activations", unit="batch", leave=False,
+                      disable=not progress):
         batch = list(prompts[start:start + batch_size])
         subs = None if subjects is None else list(subjects[start:start + batch_size])
         ids, lengths, index = _positions(tokenizer, batch, position, subs, max_length)

@@ -92,6 +92,7 @@ class WeightProbeConfig:
         intruder_eps: similarity threshold eps; max |cos| below it makes an intruder.
         intruder_side: "left" (output space, as the reference script) or "right".
         intruders: compute intruder dimensions (two full SVDs per site; needs base weights).
+        progress: show a bar over the sites (`fadelab run --quiet` turns it off).
         dtype: "float64" (default; exact references) or "float32" (faster on a GPU).
         device: where the linear algebra runs, e.g. "cuda"; None: where the base weights are (the
             model's device), else where the first delta is, except that a site of at most
@@ -106,6 +107,7 @@ class WeightProbeConfig:
     intruders: bool = True
     dtype: str = "float64"
     device: str | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.intruder_k < 1:
@@ -468,7 +470,7 @@ def _dataset(rows: list[dict], sites: list[str], cfg: WeightProbeConfig) -> xr.D
                                   "intruder_rank": np.arange(cfg.intruder_k)})
     for name, doc in _DOC.items():
         ds[name].attrs["description"] = doc
-    ds.attrs["config"] = json.dumps(asdict(cfg))
+    ds.attrs["config"] = json.dumps({k: v for k, v in asdict(cfg).items() if k != "progress"})  # results only
     ds.attrs["sign_convention"] = "kappa = -<dW_ft, dW_ed>/|dW_ed|^2: ft = -ed gives +1, ft = ed gives -1"
     return ds
 
@@ -531,7 +533,7 @@ def probe_weights_steps(base_weights: Mapping[str, Tensor] | None, d_ed: Any,
     rows: list[list[dict]] = [[] for _ in steps]
     bases = la.BasisCache()  # shared keys (UCE's c_e) are factored once, not once per site
     with torch.no_grad():
-        for site in tqdm(names, desc="weight probes", unit="site", leave=False):
+        for site in tqdm(names, desc="weight probes", unit="site", leave=False, disable=not config.progress):
             w = None if base_weights is None else _as_tensor(base_weights[site])
             dev = _site_device(config, model_dev, w, d_ed, [d for _, d in steps], site)
             ed = _delta_update(d_ed, site, dev, dt)

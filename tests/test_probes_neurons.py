@@ -257,3 +257,24 @@ def test_edit_variant_moves_only_downstream_neurons_and_polysemanticity_runs(org
     acc = ds["probe_accuracy"]
     assert float(acc.sel(concept="kind:object")) >= 0.9 and float(acc.sel(concept="kind:person")) >= 0.9
     assert np.isfinite(ds["n_eff"].values).mean() > 0.9
+
+
+def test_probe_bars_follow_progress(organism, planted, capsys):
+    """`fadelab run --quiet` (Context.progress False) reaches the probes' three bars: activations,
+    sparse probes and weight probes print nothing then, and their bars show otherwise."""
+    from probes import weights as pw
+
+    x, labels, _ = planted
+    delta = WeightDelta({"a": torch.ones(4, 6, dtype=torch.float64)})
+
+    def run(progress):
+        pc.text_activations(organism, ["a dog", "a cat"], ["text.mlp.2.fc2"], progress=progress)
+        pn.polysemanticity(x, labels, pn.NeuronProbeConfig(progress=progress))
+        ds = pw.probe_weights(None, delta, delta, None, pw.WeightProbeConfig(progress=progress))
+        assert "progress" not in ds.attrs["config"]  # a display choice, not part of the result
+        return capsys.readouterr().err
+
+    quiet, shown = run(False), run(True)
+    assert quiet == ""
+    for bar in ("activations", "sparse probes", "weight probes"):
+        assert bar in shown, bar
