@@ -2,14 +2,14 @@
 
 What it offers:
     HEADLINE                 the metric that says whether each kind of edit holds
-    joined(st) -> xarray.Dataset over (edit, finetune): |Delta| of the headline metric with its
+    joined(st[, index]) -> xarray.Dataset over (edit, finetune): |Delta| of the headline metric with its
                              CI, the causal Deltas, the site-averaged weight probes and the
                              neuron probes' fades (probe_neuron_*)
     neuron_table(st)         one row per (edit, finetune): the edit's units, edit / feature /
                              shared neuron counts, their fades and the shared-fade test
     correlations(ds)         Spearman of |Delta| with each probe over the grid's cells, with
                              bootstrap intervals (analysis.stats)
-    tables(st, ds)           {name: pandas.DataFrame}: the study's Tables 1-4 and 7 in shape,
+    tables(st, ds[, index])  {name: pandas.DataFrame}: the study's Tables 1-4 and 7 in shape,
                              probes and correlations
     figures(st, ds)          {name: PNG bytes}: weight-update heatmap, probe curves over steps,
                              Delta against overlap, neuron fade (shared vs other edit neurons),
@@ -110,13 +110,13 @@ def _neuron_stats(st, edit: str, ft: str) -> dict:
             **{k: float(v) for k, v in zip(attrs["stat"], values)}}
 
 
-def joined(st):
+def joined(st, index: dict | None = None):
     """One xarray.Dataset over (edit, finetune) joining behaviour, causal runs, weight probes and
-    the neuron probes' fades."""
+    the neuron probes' fades. `index`: `_metric_index(st)` when the caller has it already."""
     import xarray as xr
 
     methods = _edit_methods(st)
-    index = _metric_index(st)
+    index = _metric_index(st) if index is None else index
     edits = sorted(methods)
     fts = sorted({v.split("/")[2] for (v, _) in index if v.startswith("M_ed_ft/")})
     fts += sorted({v.split("/")[1] for (v, _) in index if v.startswith("M_ft/")} - set(fts))
@@ -187,11 +187,12 @@ def _fmt(m: dict | None) -> str:
     return f"{m['value']:.3f}{ci}"
 
 
-def tables(st, ds) -> dict:
-    """The study's tables in shape (values with 95% bootstrap CIs), probes and correlations."""
+def tables(st, ds, index: dict | None = None) -> dict:
+    """The study's tables in shape (values with 95% bootstrap CIs), probes and correlations.
+    `index`: `_metric_index(st)` when the caller has it already."""
     import pandas as pd
 
-    index = _metric_index(st)
+    index = _metric_index(st) if index is None else index
     methods = _edit_methods(st)
     out = {}
     fts = list(ds["finetune"].values) if "finetune" in ds.coords else []
@@ -291,16 +292,27 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _delta_norms(st):
-    """(variants, sites, |dW|_F matrix) over every stored final delta."""
-    variants = st.variants()
-    sites = sorted({s for v in variants for s in st.sites(v)})
+def _fro(d) -> float:
+    """|dW|_F of a stored delta: dense, or low-rank factors (B, A), whose norm comes from their
+    r x r Gram matrices, |BA|_F^2 = sum((B^T B) * (A A^T)), without forming BA."""
+    import torch
+
+    if isinstance(d, tuple):
+        b, a = (x.double() for x in d)
+        return float(torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)))
+    return float(torch.linalg.vector_norm(d.float()))  # float32 is plenty for a log10 colour
+
+
+def _delta_norms(st, variants: list[str]):
+    """(sites, |dW|_F matrix (variant, site)) over every stored final delta of `variants`."""
+    per = {v: st.sites(v) for v in variants}
+    sites = sorted({s for v in variants for s in per[v]})
+    col = {s: j for j, s in enumerate(sites)}
     mat = np.full((len(variants), len(sites)), np.nan)
     for i, v in enumerate(variants):
-        for s in st.sites(v):
-            d = st.read_delta(v, s, dense=True)  # bfloat16 when [samples] delta_dtype says so
-            mat[i, sites.index(s)] = float(np.linalg.norm(d.double().numpy()))
-    return variants, sites, mat
+        for s in per[v]:
+            mat[i, col[s]] = _fro(st.read_delta(v, s))  # bfloat16 when [samples] delta_dtype says so
+    return sites, mat
 
 
 def figures(st, ds) -> dict[str, bytes]:
@@ -310,7 +322,8 @@ def figures(st, ds) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     out = {}
-    variants, sites, mat = _delta_norms(st)
+    variants = st.variants()
+    sites, mat = _delta_norms(st, variants)
     if variants and sites:
         keep = [j for j in range(len(sites)) if np.isfinite(mat[:, j]).any()][:80]
         fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(keep)), max(3, 0.3 * len(variants))))
@@ -336,7 +349,7 @@ def figures(st, ds) -> dict[str, bytes]:
     steps_fig = _steps_figure(st, plt)
     if steps_fig is not None:
         out["kappa_over_steps"] = steps_fig
-    grid = _image_grid(st, plt)
+    grid = _image_grid(st, plt, variants)
     if grid is not None:
         out["image_grid"] = grid
     log.debug("figures from %d probe groups", len(curves))
@@ -403,9 +416,9 @@ def _steps_figure(st, plt):
     return _png(fig)
 
 
-def _image_grid(st, plt, per_variant: int = 6):
+def _image_grid(st, plt, variants: list[str], per_variant: int = 6):
     rows = []
-    for v in st.variants() + ["M"]:
+    for v in variants + ["M"]:
         for name in ("quality", "professions", "unsafe", "road"):
             if st.has_images(v, name):
                 px = st.read_images(v, name)["pixels"][:per_variant]
@@ -454,8 +467,9 @@ def write_report(store_path: str | Path, out: str | Path) -> Path:
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     with Store.open(store_path, "r") as st:
-        ds = joined(st)
-        tabs = tables(st, ds)
+        index = _metric_index(st)  # every metric's attributes: read once (5 s on the GPU main job's store)
+        ds = joined(st, index)
+        tabs = tables(st, ds, index)
         figs = figures(st, ds)
         info = st.info
     for name, df in tabs.items():

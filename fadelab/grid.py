@@ -28,6 +28,7 @@ file), so any number of processes, GPUs or Slurm array tasks can run cells side 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -385,23 +386,37 @@ def status(exp: Experiment, out: str | os.PathLike) -> list[tuple[Cell, str]]:
     return rows
 
 
-def _link_tree(files: list[Path]) -> dict:
-    """A trie of HDF5 paths: a node owned by one file becomes a link, a shared node a group."""
+def _join(f, cells: list, path: str, owners: list[int], files: list[Path], out: Path) -> None:
+    """Fill the group `path` of the grid file `f`, which the open cell files `cells[k]` for k in
+    `owners` (grid order) all have: a child that one cell has, or a dataset, becomes an external
+    link into the first owner's file; a group several cells share becomes a group (with the first
+    owner's attributes) filled the same way. Only shared groups are read, so the walk stays near
+    the top of the files (every node of every file was walked before: 1.7 s of the GPU main job's
+    merge, 2026-12-07)."""
     import h5py
 
-    owners: dict[str, set[int]] = {}
-    kinds: dict[str, str] = {}
-    for k, path in enumerate(files):
-        with h5py.File(path, "r", locking=False) as f:
-            def walk(group, prefix):
-                for name, obj in group.items():
-                    p = f"{prefix}/{name}"
-                    owners.setdefault(p, set()).add(k)
-                    kinds[p] = "group" if isinstance(obj, h5py.Group) else "dataset"
-                    if isinstance(obj, h5py.Group):
-                        walk(obj, p)
-            walk(f, "")
-    return {"owners": owners, "kinds": kinds}
+    kids: dict[str, list[int]] = {}
+    group: dict[str, bool] = {}
+    for k in owners:
+        node = cells[k][path]
+        for name in node:
+            kids.setdefault(name, []).append(k)
+            if name not in group:
+                group[name] = node.get(name, getclass=True) is h5py.Group
+    for name, own in kids.items():
+        child = f"{path.rstrip('/')}/{name}"
+        if child in f:  # a group of the grid file's own (its manifest's /arrays)
+            if group[name] and isinstance(f[child], h5py.Group):
+                _join(f, cells, child, own, files, out)
+        elif len(own) == 1 or not group[name]:
+            # one owner, or a deterministic copy several cells wrote (an edit x fine-tune cell
+            # evaluates its M_ed again to pair the Delta): the first cell in grid order
+            f[child] = h5py.ExternalLink(os.path.relpath(files[own[0]], out), child)
+        else:
+            new = f.create_group(child)
+            for key, value in cells[own[0]][child].attrs.items():
+                new.attrs[key] = value
+            _join(f, cells, child, own, files, out)
 
 
 def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = False) -> Path:
@@ -426,35 +441,19 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
         raise FadelabError(f"{len(missing)} of {len(rows)} cells are not done (first: {missing[0]}); "
                            "run them first (fadelab run) or pass --partial")
     files = [cell_path(out, c) for c, s in rows if s == "done"]
-    tree = _link_tree(files)
-    owners, kinds = tree["owners"], tree["kinds"]
     target = out / "experiment.h5"
     tmp = out / ".experiment.h5.tmp"
-    for p in (tmp,):
-        if p.exists():
-            p.unlink()
+    if tmp.exists():
+        tmp.unlink()
     manifest = {"cells": [{"id": c.id, "kind": c.kind, "edit": c.edit, "finetune": c.finetune,
                            "variant": c.variant, "state": s} for c, s in rows]}
     with Store.open(tmp, "a", config=exp.text, seeds={"experiment": exp.seed},
                     description=f"fadelab grid {exp.name}: cells joined by external links") as st:
         st.create_array("grid_manifest", json.dumps(manifest))
-    with h5py.File(tmp, "a", locking=False) as f:
-        for path in sorted(owners, key=lambda p: p.count("/")):
-            parent = path.rsplit("/", 1)[0] or "/"
-            if parent != "/" and not isinstance(f.get(parent, getlink=True), h5py.HardLink):
-                continue  # under a linked node: reached through the link
-            if path in f:
-                continue  # a group made for a shared node, or the grid file's own manifest
-            own = sorted(owners[path])
-            if len(own) == 1 or kinds[path] == "dataset":
-                # one owner, or a deterministic copy several cells wrote (an edit x fine-tune
-                # cell evaluates its M_ed again to pair the Delta): the first cell in grid order
-                f[path] = h5py.ExternalLink(os.path.relpath(files[own[0]], out), path)
-            else:
-                group = f.create_group(path)
-                with h5py.File(files[own[0]], "r", locking=False) as first:
-                    for key, value in first[path].attrs.items():
-                        group.attrs[key] = value
+    with contextlib.ExitStack() as stack:
+        cells_open = [stack.enter_context(h5py.File(p, "r", locking=False)) for p in files]
+        f = stack.enter_context(h5py.File(tmp, "a", locking=False))
+        _join(f, cells_open, "/", list(range(len(files))), files, out)
     os.replace(tmp, target)
     log.info("merged %d cell stores into %s", len(files), target)
     return target

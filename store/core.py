@@ -104,9 +104,15 @@ def visit_items(group: h5py.Group, fn, prefix: str = "") -> None:
 
 def get_attrs(obj) -> dict[str, Any]:
     """User attributes of an entry (JSON ones decoded, store bookkeeping dropped)."""
-    json_names = set(json.loads(obj.attrs.get("_json", "[]")))
+    return decode_attrs(dict(obj.attrs.items()))
+
+
+def decode_attrs(raw: dict[str, Any]) -> dict[str, Any]:
+    """`get_attrs` of an entry whose attributes were read already (`dict(obj.attrs.items())`):
+    h5py reads attributes one call at a time, and a report reads thousands of metrics."""
+    json_names = set(json.loads(raw.get("_json", "[]")))
     out = {}
-    for key, val in obj.attrs.items():
+    for key, val in raw.items():
         if key in ("complete", "_json", "dtype"):
             continue
         if isinstance(val, bytes):

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from store import codec
-from store.core import get_attrs, visit_items
+from store.core import decode_attrs, get_attrs, visit_items
 from store.errors import StoreError
 from store.weights import step_name
 
@@ -156,8 +156,10 @@ class ResultsMixin:
             return out
 
         def visit(name, obj):
-            if isinstance(obj, h5py.Dataset) and int(obj.attrs.get("complete", 0)) == 1:
-                out.append({"value": float(obj[()]), **get_attrs(obj)})
+            if isinstance(obj, h5py.Dataset):
+                raw = dict(obj.attrs.items())  # each attribute read once
+                if int(raw.get("complete", 0)) == 1:
+                    out.append({"value": float(obj[()]), **decode_attrs(raw)})
         visit_items(self.h5["metrics"], visit)
         return out
 

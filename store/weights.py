@@ -13,10 +13,11 @@ belong to one site. Loss curves live at ``/loss/<ft_id>`` as a group {step, loss
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 
 from store import codec
-from store.core import get_attrs, visit_items
+from store.core import get_attrs
 from store.errors import StoreError
 
 
@@ -108,15 +109,19 @@ class WeightsMixin:
 
     def variants(self) -> list[str]:
         """Every variant that has at least one complete delta."""
-        out = []
+        out = set()
 
-        def visit(name, obj):
-            if name.rsplit("/", 1)[-1] == "final" or name.rsplit("/", 1)[-1].startswith("step_"):
-                if any(int(v.attrs.get("complete", 0)) == 1 for v in obj.values()):
-                    out.append(name.rsplit("/", 1)[0])
+        def walk(group, prefix: str) -> None:  # variant segments only: no delta is opened but
+            for name in group:                 # those read to find one complete per checkpoint
+                if name == "final" or name.startswith("step_"):
+                    if prefix not in out and any(int(v.attrs.get("complete", 0)) == 1
+                                                 for v in group[name].values()):
+                        out.add(prefix)
+                elif isinstance(child := group[name], h5py.Group):
+                    walk(child, f"{prefix}/{name}" if prefix else name)
         if "deltas" in self.h5:
-            visit_items(self.h5["deltas"], lambda n, o: visit(n, o) if hasattr(o, "keys") else None)
-        return sorted(set(out))
+            walk(self.h5["deltas"], "")
+        return sorted(out)
 
     def sites(self, variant: str, step: int | None = None) -> list[str]:
         """Sites with a complete delta for `variant` at `step`."""

@@ -213,7 +213,9 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     wall, stages = mark["seconds"], mark["stages"]
     assert list(stages) == ["edit", "finetune", "write", "project_out", "evaluate", "weight_probes",
                             "neuron_probes"]
-    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= wall
+    # each stage is stored rounded to 0.01 s (cells.run_cell), so their sum may pass the wall by
+    # half of that per stage (session 20: 9.76 against 9.7597)
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= wall + 0.005 * len(stages)
     line = next(x for x in lines if ef.id in x)
     assert re.search(r"  edit \d+\.\d ft \d+\.\d write \d+\.\d cf \d+\.\d eval \d+\.\d "
                      r"wprobe \d+\.\d nprobe \d+\.\d other \d+\.\d$", line), line
@@ -412,9 +414,12 @@ def test_finetune_deltas_can_be_stored_in_bfloat16(tmp_path):
         dense_lora = st.read_delta("M_ft/full", "x.lora", dense=True)
         assert dense_lora.dtype == torch.float32
         assert torch.equal(dense_lora, b.to(torch.bfloat16).float() @ a.to(torch.bfloat16).float())
-        variants, sites, norms = _delta_norms(st)  # the report's heatmap reads them
+        variants = st.variants()
+        sites, norms = _delta_norms(st, variants)  # the report's heatmap reads them
         assert variants == ["M_ft/full"] and norms.shape == (1, 2)
         assert norms[0, sites.index("x.dense")] == pytest.approx(float(dense.norm()), rel=4e-3)
+        # low-rank factors: the norm from their Gram matrices, without forming BA
+        assert norms[0, sites.index("x.lora")] == pytest.approx(float(dense_lora.double().norm()), rel=1e-6)
 
 
 def test_a_finetune_too_large_for_the_disk_stops_before_writing(tmp_path, monkeypatch):
