@@ -1,6 +1,7 @@
 """Organism fine-tuning steps with and without CUDA graphs (TrainHParams.cuda_graphs), one GPU.
 
     python3 scripts/device_graphs_probe.py --out $OUT/graphs [--steps 60] [--methods full,lora,dora,dreambooth]
+                                                   (textual-inversion too, on the subject like DreamBooth)
 
 For each method, the organism's defaults with `steps` steps, trained eagerly and with graphs,
 twice each, alternating (eager first): seconds per step after the first three (the capture is in
@@ -71,7 +72,7 @@ def main() -> int:
     rows = []
     for method in args.methods.split(","):
         hp = H.defaults(method, "organism", steps=args.steps)
-        data = subject if method == "dreambooth" else style
+        data = subject if method in ("dreambooth", "textual-inversion") else style
         runs, failed = {}, False
         for rep in range(2):
             for graphs in (False, True):

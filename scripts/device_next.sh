@@ -21,9 +21,13 @@
 #      processes side by side, then on two GPUs (--jobs 2)
 #   5 [SECONDS [REPORT_SECONDS]]: issue 7: the main job (fadelab run, --jobs auto: 8 processes on an H100/H200)
 #      from an empty folder, for SECONDS (default 560); repeat while warm until status shows 50
-#      done; then the merge and report in their own process under cProfile (for at most
-#      REPORT_SECONDS, default 240; $OUT/main-report.prof). GRAPHS=1: with cuda_graphs = true in
-#      every fine-tune (scripts/graphs_config.py), into fadelab-out/main-graphs.
+#      done; then the merge and report as `fadelab run` does them, in their own process, and
+#      scripts/report_timing.py's seconds per stage (each lane at most REPORT_SECONDS, default
+#      240). OLD=oldcode: an older tree's merge and report first, on the same cells (the same-call
+#      baseline; make oldcode/ as for call 7). GRAPHS=1: with cuda_graphs = true in every
+#      fine-tune (scripts/graphs_config.py), into fadelab-out/main-graphs.
+#      Session 20 (2026-12-07, H100, code c41d203, the shipped defaults): all 50 cells in 262 s,
+#      then the merge and report 54 s under cProfile (docs/measured/2026-12-07-h100-mainjob-auto.txt)
 #      Session 19 (2026-12-07, H100, code de33057, GRAPHS=1, under MPS): all 50 cells in about
 #      260 s, the merge and report unfinished at 300 s (docs/measured/2026-12-07-h100-mainjob-graphs-mps.txt)
 #      Session 10 (2026-12-05, H100, before DeviceProdigy and the batched label writes): 41 of 50
@@ -54,7 +58,7 @@
 #      same warm machine (TAG 2) goes on where the first stopped. Session 18 (2026-12-07, H100):
 #      530 s and 480 s, 33 products timed, the UNet's compile still unfinished; not measured
 #      (docs/measured/2026-12-07-h100-gen-autotune-gemm.txt)
-#   9 [STEPS]: issue 7: organism fine-tuning steps with and without CUDA graphs of the denoiser's
+#   9 [STEPS]: METHODS (default full,lora,dora,dreambooth; textual-inversion too) issue 7: organism fine-tuning steps with and without CUDA graphs of the denoiser's
 #      forward and backward (TrainHParams.cuda_graphs, new in session 18, never run on a GPU):
 #      scripts/device_graphs_probe.py, full, LoRA, DoRA and DreamBooth at STEPS steps (default 60),
 #      eager and graphed alternating twice; seconds per step and the graphed delta's distance from
@@ -69,6 +73,7 @@
 # Session 7 ran the SDXL/FLUX edit and recording rows (device_bench --parts fam-edit-record), the
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
 # full+vae-cudagraphs,full+vae-1x1mm-cudagraphs): docs/measured/2026-12-04-h200-s7-*.
+# Also 11: the GPU-only tests (pytest -m gpu) and call 9 for textual inversion (METHODS).
 # Logs go to $OUT/<name>.log, results to $OUT/<name>/, all packed into $OUT/results.tgz (a call
 # brings back only 8 files). The organism retrain: scripts/device_organism_retrain.sh.
 set -u
@@ -123,12 +128,21 @@ case "${1:-}" in
      python3 scripts/graphs_config.py experiments/organism.toml > "$cfg" || exit 1
    fi
    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/$main-gpu.txt" 2>&1 & mon=$!
-   # the cells first, then the merge and report in a process of their own under cProfile: session
-   # 19's run had every cell done in about 260 s and its merge and report unfinished 40 s later
+   # the cells first, then the merge and report in a process of their own: session 20's cProfile
+   # of them (54 s) lost its stages to threads, so scripts/report_timing.py times each stage; with
+   # OLD (a folder holding an older tree, as call 7's) that tree's merge and report run first on
+   # the same cells, as the same-call baseline (the font cache built before either)
    t "$main" "${2:-560}" python3 -m fadelab.cli run "$cfg" --device cuda --quiet --no-report --out "fadelab-out/$main"
    kill $mon 2>/dev/null
-   t "$main-report" "${3:-240}" python3 -m cProfile -o "$OUT/$main-report.prof" -m fadelab.cli run "$cfg" \
-       --device cuda --quiet --out "fadelab-out/$main"
+   python3 -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot"
+   if [ -n "${OLD:-}" ]; then
+     t "$main-report-old" "${3:-240}" env PYTHONPATH="/tmp/site:$PWD/$OLD" python3 -c "import sys
+from fadelab.grid import load_experiment, merge; from analysis.report import write_report
+write_report(merge(load_experiment(sys.argv[1]), sys.argv[2]), sys.argv[2] + '/report-old')" \
+         "$cfg" "fadelab-out/$main"
+   fi
+   t "$main-report" "${3:-240}" python3 -m fadelab.cli run "$cfg" --device cuda --quiet --out "fadelab-out/$main"
+   t "$main-report-stages" "${3:-240}" python3 scripts/report_timing.py "$cfg" "fadelab-out/$main"
    python3 -m fadelab.cli status "$cfg" --stages --out "fadelab-out/$main" > "$OUT/$main-status.txt" 2>&1
    cp "fadelab-out/$main/report.html" "$OUT/" 2>/dev/null ;;
 6) for j in 1 auto; do
@@ -156,7 +170,8 @@ case "${1:-}" in
        --options full+vae-autotune-gemm,full+vae --warm-cache --out "$OUT/genat"
    grep -c "AUTOTUNE" "$OUT/genat-${2:-1}.log"; tail -20 "$OUT/genat-${2:-1}.log"; du -sh /tmp/torchinductor_*
    command -v nvidia-cuda-mps-control || echo "no nvidia-cuda-mps-control on this machine" ;;
-9) t graphs-probe 540 python3 scripts/device_graphs_probe.py --out "$OUT/graphs" --steps "${2:-60}"
+9) t graphs-probe 540 python3 scripts/device_graphs_probe.py --out "$OUT/graphs" --steps "${2:-60}" \
+       --methods "${METHODS:-full,lora,dora,dreambooth}"
    tail -12 "$OUT/graphs-probe.log" ;;
 10) # CUDA graphs in one call: the probe (call 9) for at most PROBE_S seconds, then the throughput
    # slice with graphs on and off side by side, JOBS processes each (default 4), all clients of one
@@ -177,7 +192,11 @@ case "${1:-}" in
    done
    grep -h "cuda_graphs" "$OUT/slice-throughput-graphs.log" | sort | uniq -c | head
    tail -12 "$OUT/graphs-probe.log"; cat "$OUT"/slice-*-status.txt | grep -v "^  done" ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS [REPORT_SECONDS]]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]" >&2; exit 2 ;;
+11) t gpu-tests 240 python3 -m pytest -q -m gpu tests
+   t graphs-probe-ti 300 python3 scripts/device_graphs_probe.py --out "$OUT/graphs-ti" --steps "${2:-60}" \
+       --methods textual-inversion
+   tail -3 "$OUT/gpu-tests.log"; tail -4 "$OUT/graphs-probe-ti.log" ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS [REPORT_SECONDS]]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]|11 [STEPS]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"

@@ -397,6 +397,7 @@ def test_cuda_graphs_on_the_cpu_change_nothing(model, style, caplog):
 
 
 @needs_weights
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_train_as_eager_does_on_a_gpu():
     """Organism LoRA and full fine-tunes, 20 steps, graphs on and off: every step replays the
