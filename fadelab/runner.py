@@ -247,7 +247,9 @@ def mps_daemon(required: bool = False):
     against 122 s without, run one after the other on one machine
     (docs/measured/2026-12-07-h100-ab-mps.txt). A daemon started with CUDA_VISIBLE_DEVICES set
     renumbers the GPUs it sees from 0 for its clients (NVIDIA's MPS documentation), which is
-    why clients are given indices, not the parent's names (`run_local_jobs`)."""
+    why clients are given indices, not the parent's names (`run_local_jobs`). A daemon whose
+    `fadelab run` was killed (SIGKILL leaves no time to quit it) is quit by the next one started
+    (`_quit_orphans`)."""
     import shutil
     import subprocess
     import tempfile
@@ -261,10 +263,12 @@ def mps_daemon(required: bool = False):
         log.info("CUDA MPS: nvidia-cuda-mps-control is not on PATH; processes take turns on the GPU")
         yield None
         return
+    _quit_orphans(binary)
     # a short path: the daemon's pipes are Unix sockets, whose paths may not exceed ~100 bytes
-    pipe = Path(tempfile.mkdtemp(prefix="fadelab-mps-"))
+    pipe = Path(tempfile.mkdtemp(prefix=MPS_PREFIX))
     env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(pipe / "log")}
     (pipe / "log").mkdir()
+    (pipe / "owner").write_text(str(os.getpid()))
     full = {**os.environ, **env}
     try:
         started = subprocess.run([binary, "-d"], env=full, capture_output=True, text=True, timeout=60)
@@ -289,6 +293,44 @@ def mps_daemon(required: bool = False):
             log.warning("CUDA MPS: quitting the control daemon failed (%s); it may still run "
                         "(`pkill -f nvidia-cuda-mps-control` ends it)", e)
         shutil.rmtree(pipe, ignore_errors=True)
+
+
+MPS_PREFIX = "fadelab-mps-"  # mps_daemon's pipe folders in the temporary directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _quit_orphans(binary: str) -> None:
+    """Quit the daemons of `mps_daemon` whose owner process is gone (killed before it could quit
+    them; each holds its GPU's MPS server) and remove their folders. Folders of live owners, and
+    those without an owner file, are left alone."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    for pipe in Path(tempfile.gettempdir()).glob(f"{MPS_PREFIX}*"):
+        try:
+            owner = int((pipe / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(pipe / "log")}
+        try:
+            subprocess.run([binary], input="quit\n", env=env, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("CUDA MPS: quitting the daemon left in %s failed (%s)", pipe, e)
+            continue
+        shutil.rmtree(pipe, ignore_errors=True)
+        log.info("CUDA MPS: quit the daemon left in %s by process %d, which is gone", pipe, owner)
 
 
 def use_mps(mode: str, jobs: int, gpus: int) -> bool:

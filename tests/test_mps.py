@@ -138,3 +138,25 @@ def test_cli_refuses_an_unknown_mps_mode(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--mps", "sometimes", "--out", "/nonexistent/never-written"])
     assert "--mps" in capsys.readouterr().err
+
+
+def test_a_daemon_left_by_a_killed_run_is_quit_by_the_next(fake_mps, tmp_path, monkeypatch):
+    """SIGKILL of `fadelab run` leaves its daemon running; the next mps_daemon quits it. A daemon
+    whose owner lives, and a folder without an owner file, are left alone."""
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    orphan, live, other = (tmp_path / f"fadelab-mps-{n}" for n in ("orphan", "live", "other"))
+    for d in (orphan, live, other):
+        d.mkdir()
+    (orphan / "owner").write_text(dead.stdout.strip())  # an exited process: its pid is gone
+    (live / "owner").write_text(str(os.getpid()))
+    with runner.mps_daemon() as env:
+        assert (Path(env["CUDA_MPS_PIPE_DIRECTORY"]) / "owner").read_text() == str(os.getpid())
+    calls = fake_mps.read_text().splitlines()
+    assert calls[0] == f"quit {orphan}" and not orphan.exists()
+    assert live.is_dir() and other.is_dir()
+    assert not any(str(live) in c or str(other) in c for c in calls)
