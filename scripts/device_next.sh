@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The lab's GPU work as calls of under 10 minutes, the done ones kept for reruns. Owed after
-# session 19 (2026-12-07), in this order: 5 (the main job to its end with the shipped defaults,
-# CUDA MPS and cuda_graphs = "auto", and its merge and report profiled), 4 (two GPUs). Calls 1-3
+# session 20 (2026-12-07; its second half got no machine), in this order: `OLD=oldcode bash
+# scripts/device_next.sh 5 300 60` with oldcode/ made from c41d203 as for call 7 (the main job
+# with 6c55ae3's lighter merge and report, against c41d203's on the same cells), then 11 (the
+# GPU-only tests and textual inversion's graphs probe) on the same warm machine, then 4. Calls 1-3
 # and 5-10 need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
 # sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).
