@@ -292,17 +292,6 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _fro(d) -> float:
-    """|dW|_F of a stored delta: dense, or low-rank factors (B, A), whose norm comes from their
-    r x r Gram matrices, |BA|_F^2 = sum((B^T B) * (A A^T)), without forming BA."""
-    import torch
-
-    if isinstance(d, tuple):
-        b, a = (x.double() for x in d)
-        return float(torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)))
-    return float(torch.linalg.vector_norm(d.float()))  # float32 is plenty for a log10 colour
-
-
 def _delta_norms(st, variants: list[str]):
     """(sites, |dW|_F matrix (variant, site)) over every stored final delta of `variants`."""
     per = {v: st.sites(v) for v in variants}
@@ -311,7 +300,7 @@ def _delta_norms(st, variants: list[str]):
     mat = np.full((len(variants), len(sites)), np.nan)
     for i, v in enumerate(variants):
         for s in per[v]:
-            mat[i, col[s]] = _fro(st.read_delta(v, s))  # bfloat16 when [samples] delta_dtype says so
+            mat[i, col[s]] = st.delta_norm(v, s)
     return sites, mat
 
 

@@ -70,6 +70,28 @@ def test_lowrank_delta_steps_and_attrs(path):
                                       ((b * 100) @ a).numpy())
 
 
+def test_delta_norm_is_written_with_the_delta_and_read_without_it(path):
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(40, 24, generator=g).to(torch.bfloat16)
+    b, a = torch.randn(40, 3, generator=g), torch.randn(3, 24, generator=g)
+    with Store.open(path) as st:
+        st.create_delta("M_ft/f1", "unet.a", dense)
+        st.create_delta("M_ft/f1", "unet.b", (b, a))
+    expect = {"unet.a": float(torch.linalg.vector_norm(dense.double())),
+              "unet.b": float(torch.linalg.vector_norm((b.double() @ a.double())))}
+    with Store.open(path, "r") as st:
+        for site, want in expect.items():
+            assert st.delta_norm("M_ft/f1", site) == pytest.approx(want, rel=1e-6)
+    with h5py.File(path, "a") as f:  # an older store: no attribute, so computed from the values
+        for site in expect:
+            del f[f"/deltas/M_ft/f1/final/{site}"].attrs["fro"]
+    with Store.open(path, "r") as st:
+        for site, want in expect.items():
+            assert st.delta_norm("M_ft/f1", site) == pytest.approx(want, rel=1e-6)
+        with pytest.raises(StoreError):
+            st.delta_norm("M_ft/f1", "unet.c")
+
+
 def test_create_refuses_overwrite_and_require_checks(path):
     dw = torch.randn(4, 4)
     with Store.open(path) as st:
