@@ -419,6 +419,21 @@ def _join(f, cells: list, path: str, owners: list[int], files: list[Path], out: 
             _join(f, cells, child, own, files, out)
 
 
+def _cells_code_version(files: list[Path]) -> str:
+    """The commit the cells were computed with (the report's header names it): one, or "mixed:"
+    and each, for a grid resumed across commits; "unknown" where no cell recorded it."""
+    import h5py
+
+    seen = []
+    for path in files:
+        with h5py.File(path, "r", locking=False) as f:
+            v = f.attrs.get("code_version", "unknown")
+        v = v.decode() if isinstance(v, bytes) else str(v)
+        if v not in seen:
+            seen.append(v)
+    return seen[0] if len(seen) == 1 else ("mixed: " + ", ".join(seen) if seen else "unknown")
+
+
 def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = False) -> Path:
     """Write DIR/experiment.h5: the grid's cell stores joined by external links.
 
@@ -448,6 +463,7 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
     manifest = {"cells": [{"id": c.id, "kind": c.kind, "edit": c.edit, "finetune": c.finetune,
                            "variant": c.variant, "state": s} for c, s in rows]}
     with Store.open(tmp, "a", config=exp.text, seeds={"experiment": exp.seed},
+                    code_version=_cells_code_version(files),
                     description=f"fadelab grid {exp.name}: cells joined by external links") as st:
         st.create_array("grid_manifest", json.dumps(manifest))
     with contextlib.ExitStack() as stack:

@@ -223,6 +223,9 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     from store import Store
 
     with Store.open(out / "experiment.h5", "r") as st:
+        # the report names the commit the cells were computed with (was "unknown")
+        with h5py.File(cell_path(out, ef), "r") as f:
+            assert st.h5.attrs["code_version"] == f.attrs["code_version"]
         variants = {m["variant"] for m in st.metric_entries()}
         assert {"M", "M_ed/erase", "M_ft/lora", "M_ed_ft/erase/lora", "M_cf/erase/lora"} <= variants
         assert st.read_metric("M_ed_ft/erase/lora", "Delta.unsafe.share.unsafe:oracle")["n"] == 2
@@ -257,6 +260,20 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     assert {k: v for k, v in after.items() if k != cell_path(out, edit_cell).name} == \
         {k: v for k, v in before.items() if k != cell_path(out, edit_cell).name}
     merge(exp, out)
+
+
+def test_merged_code_version_names_the_cells_commits(tmp_path):
+    from fadelab.grid import _cells_code_version
+
+    paths = []
+    for i, version in enumerate(["abc", "abc", "def", None]):
+        paths.append(tmp_path / f"{i}.h5")
+        with h5py.File(paths[-1], "w") as f:
+            if version:
+                f.attrs["code_version"] = version
+    assert _cells_code_version(paths[:2]) == "abc"
+    assert _cells_code_version(paths[:3]) == "mixed: abc, def"
+    assert _cells_code_version(paths[3:]) == "unknown"
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
