@@ -419,15 +419,13 @@ def _join(f, cells: list, path: str, owners: list[int], files: list[Path], out: 
             _join(f, cells, child, own, files, out)
 
 
-def _cells_code_version(files: list[Path]) -> str:
-    """The commit the cells were computed with (the report's header names it): one, or "mixed:"
-    and each, for a grid resumed across commits; "unknown" where no cell recorded it."""
-    import h5py
-
+def _cells_code_version(cells: list) -> str:
+    """The commit the open cell files `cells` were computed with (the report's header names it):
+    one, or "mixed:" and each, for a grid resumed across commits; "unknown" where no cell
+    recorded it."""
     seen = []
-    for path in files:
-        with h5py.File(path, "r", locking=False) as f:
-            v = f.attrs.get("code_version", "unknown")
+    for f in cells:
+        v = f.attrs.get("code_version", "unknown")
         v = v.decode() if isinstance(v, bytes) else str(v)
         if v not in seen:
             seen.append(v)
@@ -462,12 +460,12 @@ def merge(exp: Experiment, out: str | os.PathLike, *, allow_partial: bool = Fals
         tmp.unlink()
     manifest = {"cells": [{"id": c.id, "kind": c.kind, "edit": c.edit, "finetune": c.finetune,
                            "variant": c.variant, "state": s} for c, s in rows]}
-    with Store.open(tmp, "a", config=exp.text, seeds={"experiment": exp.seed},
-                    code_version=_cells_code_version(files),
-                    description=f"fadelab grid {exp.name}: cells joined by external links") as st:
-        st.create_array("grid_manifest", json.dumps(manifest))
     with contextlib.ExitStack() as stack:
         cells_open = [stack.enter_context(h5py.File(p, "r", locking=False)) for p in files]
+        with Store.open(tmp, "a", config=exp.text, seeds={"experiment": exp.seed},
+                        code_version=_cells_code_version(cells_open),
+                        description=f"fadelab grid {exp.name}: cells joined by external links") as st:
+            st.create_array("grid_manifest", json.dumps(manifest))
         f = stack.enter_context(h5py.File(tmp, "a", locking=False))
         _join(f, cells_open, "/", list(range(len(files))), files, out)
     os.replace(tmp, target)

@@ -265,15 +265,16 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
 def test_merged_code_version_names_the_cells_commits(tmp_path):
     from fadelab.grid import _cells_code_version
 
-    paths = []
+    files = []
     for i, version in enumerate(["abc", "abc", "def", None]):
-        paths.append(tmp_path / f"{i}.h5")
-        with h5py.File(paths[-1], "w") as f:
-            if version:
-                f.attrs["code_version"] = version
-    assert _cells_code_version(paths[:2]) == "abc"
-    assert _cells_code_version(paths[:3]) == "mixed: abc, def"
-    assert _cells_code_version(paths[3:]) == "unknown"
+        files.append(h5py.File(tmp_path / f"{i}.h5", "w"))
+        if version:
+            files[-1].attrs["code_version"] = version
+    assert _cells_code_version(files[:2]) == "abc"
+    assert _cells_code_version(files[:3]) == "mixed: abc, def"
+    assert _cells_code_version(files[3:]) == "unknown"
+    for f in files:
+        f.close()
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="organism not trained")
