@@ -43,10 +43,13 @@ class Context:
     _model: Any = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
     _stages: dict = field(default_factory=dict, repr=False)
+    #: seconds the lazy model load took in this process (None until it ran)
+    model_load_s: float | None = field(default=None, repr=False)
 
     @property
     def model(self):
         if self._model is None:
+            t0 = time.perf_counter()
             from models import load
 
             weights = self.exp.weights
@@ -60,6 +63,7 @@ class Context:
             self._model = load(self.exp.family, weights, device=self.device, seed=self.exp.seed, **kw)
             if self.exp.image_size:
                 set_image_size(self._model, self.exp.image_size)
+            self.model_load_s = time.perf_counter() - t0
         return self._model
 
     @contextmanager

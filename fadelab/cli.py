@@ -77,7 +77,11 @@ def cmd_run(args) -> int:
                          slurm={"slurm_partition": args.partition} if args.partition else None,
                          smoke=smoke)
     elif jobs > 1:
-        runner.run_local_jobs(args.config, out, jobs, device, smoke=smoke, progress=not args.quiet, mps=args.mps)
+        results = runner.run_local_jobs(args.config, out, jobs, device, smoke=smoke, progress=not args.quiet,
+                                        mps=args.mps)
+        line = runner.startup_line(results)
+        if line:
+            print(line, file=sys.stderr)
     else:
         summary = runner.run_cells(args.config, out, shard=args.shard, device=device,
                                    progress=not args.quiet, smoke=smoke, queue=args.queue)

@@ -117,7 +117,30 @@ def run_cells(config: str | None, out: Path, *, shard: str | None = None, device
         if queue is not None:
             (Path(queue) / f"{cell.id}.done").touch()  # for the others and the parent's bar
     bar.close()
-    return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1), "shard": label}
+    summary = {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1), "shard": label,
+               "model_load_s": None if ctx.model_load_s is None else round(ctx.model_load_s, 1)}
+    spawned = os.environ.get(SPAWNED_AT)
+    if spawned:  # started by run_local_jobs: seconds from its Popen to this process's first cell
+        summary["startup_s"] = round(t0 - float(spawned), 1)
+    return summary
+
+
+#: set by run_local_jobs in each child's environment: the parent's time.time() at its Popen
+SPAWNED_AT = "FADELAB_SPAWNED_AT"
+
+
+def startup_line(results: list[dict]) -> str | None:
+    """One line on what the processes of run_local_jobs spent before their cells' work: start-up
+    (interpreter, imports, the experiment; Popen to the first cell) and the model load inside the
+    first cell, as min-max over the processes; None when no process reported them."""
+    def span(key):
+        vals = [r[key] for r in results if r.get(key) is not None]
+        return f"{min(vals):.1f}-{max(vals):.1f} s" if vals else "-"
+
+    if not any(r.get("startup_s") is not None for r in results):
+        return None
+    return (f"{len(results)} processes: start-up {span('startup_s')} before the first cell, "
+            f"model load {span('model_load_s')} within it")
 
 
 def _alive(pid: int) -> bool:
@@ -411,6 +434,7 @@ def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env, grid,
             env["CUDA_VISIBLE_DEVICES"] = child_gpu(i, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
         env.setdefault("OMP_NUM_THREADS", threads)  # N processes, not N x all cores of threads
         env["TQDM_DISABLE"] = "1"  # the children run --quiet; the parent's bar counts their cells
+        env[SPAWNED_AT] = repr(time.time())
         cmd = [sys.executable, "-m", "fadelab.cli", "run", *([config] if config else []),
                "--out", str(out), "--queue", str(queue), "--device", device, "--no-report",
                "--quiet", *(["--smoke"] if smoke else [])]

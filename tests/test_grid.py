@@ -151,6 +151,15 @@ def test_bad_shard_and_missing_config(tmp_path, capsys):
     assert err.startswith("error: experiment config") and "\n" not in err
 
 
+def test_startup_line_spans_the_processes_and_is_absent_without_their_times():
+    from fadelab.runner import startup_line
+
+    got = startup_line([{"startup_s": 9.0, "model_load_s": 3.5}, {"startup_s": 12.25, "model_load_s": None},
+                        {"startup_s": 10.0, "model_load_s": 4.0}])
+    assert got == "3 processes: start-up 9.0-12.2 s before the first cell, model load 3.5-4.0 s within it"
+    assert startup_line([{"ran": [], "seconds": 1.0}]) is None  # shards and Slurm tasks report none
+
+
 def test_queued_cells_share_the_grid_and_wait_for_a_running_edit(tmp_path):
     from fadelab.grid import Cell
     from fadelab.runner import queued_cells
@@ -190,8 +199,12 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     cfg = _config(tmp_path)
     out = tmp_path / "out"
     assert main(["run", str(cfg), "--out", str(out), "--device", "cpu", "--jobs", "2", "--quiet"]) == 0
-    printed = capsys.readouterr().out
+    cap = capsys.readouterr()
+    printed = cap.out
     assert "report:" in printed and (out / "report.html").exists()
+    # what the processes spent before their cells' work, measured in each child
+    assert re.search(r"^2 processes: start-up \d+\.\d-\d+\.\d s before the first cell, "
+                     r"model load \d+\.\d-\d+\.\d s within it$", cap.err, re.M), cap.err
     assert not list((out / "cells").glob(".queue-*"))  # the processes' shared queue is cleaned up
     exp = load_experiment(cfg)
     assert all(state == "done" for _, state in status(exp, out))
