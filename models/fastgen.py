@@ -101,6 +101,10 @@ class FastGenConfig:
         channels_last: store the denoiser's and the VAE's conv weights in NHWC (CUDA only).
         conv_1x1_as_mm: let inductor lower 1x1 convolutions to matrix products (a process-wide
             inductor setting, set by `prepare` when compiling).
+        coordinate_descent: inductor's coordinate-descent tuning of its generated Triton kernels
+            (block sizes, warps) at compile time, one of the settings diffusers' inference-speed
+            guide lists for SD (a process-wide inductor setting, set by `prepare`; a longer
+            compile, no autotuning of matrix products or convolutions).
         autotune_convs: with a max-autotune mode, autotune the convolutions too (inductor's
             default). False keeps aten's convolution (cuDNN) without timing Triton's, so the
             autotuning reaches the matrix products only: on SD1.4 cuDNN won all 8 convolutions
@@ -122,6 +126,7 @@ class FastGenConfig:
     compile_vae: bool = False
     channels_last: bool = True
     conv_1x1_as_mm: bool = False
+    coordinate_descent: bool = False
     autotune_convs: bool = True
     cudnn_benchmark: bool = True
     pad_batches: bool | None = None
@@ -289,6 +294,9 @@ class FastGenerator:
             if cfg.conv_1x1_as_mm:
                 inductor_config.conv_1x1_as_mm = True
                 applied.append("conv_1x1_as_mm")
+            if cfg.coordinate_descent:
+                inductor_config.coordinate_descent_tuning = True
+                applied.append("coordinate_descent_tuning")
             if "max-autotune" in cfg.compile_mode and not cfg.autotune_convs:
                 inductor_config.max_autotune_conv_backends = "ATEN"
                 applied.append("convolutions not autotuned")

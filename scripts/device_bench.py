@@ -61,6 +61,8 @@ def options() -> dict:
                                     autotune_convs=False),
         "full+vae-1x1mm-cudagraphs": C(compile="full", compile_vae=True, conv_1x1_as_mm=True,
                                        compile_mode="reduce-overhead"),
+        "full+vae-cdt": C(compile="full", compile_vae=True, coordinate_descent=True),
+        "full+vae-1x1mm-cdt": C(compile="full", compile_vae=True, conv_1x1_as_mm=True, coordinate_descent=True),
     }
 
 
@@ -76,6 +78,7 @@ def reset_compiler() -> None:
     torch._dynamo.reset()
     global DEFAULT_CONV_BACKENDS
     inductor_config.conv_1x1_as_mm = False
+    inductor_config.coordinate_descent_tuning = False
     if DEFAULT_CONV_BACKENDS is None:
         DEFAULT_CONV_BACKENDS = inductor_config.max_autotune_conv_backends
     inductor_config.max_autotune_conv_backends = DEFAULT_CONV_BACKENDS

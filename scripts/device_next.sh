@@ -76,6 +76,10 @@
 # generation rows with --batches 10 and the CUDA-graph option sets (--parts gen-options --options
 # full+vae-cudagraphs,full+vae-1x1mm-cudagraphs): docs/measured/2026-12-04-h200-s7-*.
 # Also 11: the GPU-only tests (pytest -m gpu) and call 9 for textual inversion (METHODS).
+# 12 [SECONDS [BUDGET_S]]: issue 8: SD1.4 generation with inductor's coordinate-descent tuning
+#      (full+vae-cdt, new in session 21), the default full+vae, then full+vae-1x1mm-cdt, 10 timed
+#      batches each against one stock baseline; option sets that would start after BUDGET_S
+#      (default 330) are skipped.
 # Logs go to $OUT/<name>.log, results to $OUT/<name>/, all packed into $OUT/results.tgz (a call
 # brings back only 8 files). The organism retrain: scripts/device_organism_retrain.sh.
 set -u
@@ -198,7 +202,10 @@ write_report(merge(load_experiment(sys.argv[1]), sys.argv[2]), sys.argv[2] + '/r
    t graphs-probe-ti 300 python3 scripts/device_graphs_probe.py --out "$OUT/graphs-ti" --steps "${2:-60}" \
        --methods textual-inversion
    tail -3 "$OUT/gpu-tests.log"; tail -4 "$OUT/graphs-probe-ti.log" ;;
-*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS [REPORT_SECONDS]]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]|11 [STEPS]" >&2; exit 2 ;;
+12) t gen-cdt "${2:-560}" python3 scripts/device_bench.py --parts gen-options --batches 10 --budget-s "${3:-330}" \
+       --options full+vae-cdt,full+vae,full+vae-1x1mm-cdt --out "$OUT/gencdt"
+   grep -E "vs stock|skipped" "$OUT/gen-cdt.log" ;;
+*) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS [REPORT_SECONDS]]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]|11 [STEPS]|12 [SECONDS [BUDGET_S]]" >&2; exit 2 ;;
 esac
 date -u; cat "$OUT/lanes.txt" 2>/dev/null
 tar -czf /tmp/results.tgz -C "$OUT" --exclude='*.h5' . && mv /tmp/results.tgz "$OUT/results.tgz"
