@@ -94,7 +94,10 @@ class DebiasHparams:
             the raw attribute output, about 1). 0.25 on the organism: 1.0 overshoots (ceo 0.08 ->
             1.00 -> 0.00 in two rounds, docs/editing.md).
         n_images: images per profession per round (50, the paper-era code's 5 seeds x 10; the
-            2025 code uses 10). The judge's noise (sd ~ 0.5 / sqrt(n)) must stay below tolerance.
+            2025 code uses 10). The measured share's noise, about 0.5 / sqrt(n) near a share of
+            0.5, is 0.07 at 50: above the 0.05 tolerance, so whether a profession freezes in a
+            given round is partly chance, as in both official codes; n_images >= 100 brings it
+            to the tolerance (0.05) and fewer wasted rounds.
         steps, guidance_scale: sampling; None takes the family's defaults (organism: 20, 3.0).
         seed: round r, image i uses seed seed * 1_000_000 + r * 10_000 + i (never the
             evaluation's seeds).
