@@ -102,6 +102,16 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], steps: int | N
     return np.concatenate(out)
 
 
+def round_seeds(seed: int, r: int, k: int, n: int) -> list[int]:
+    """The seeds of round r's n images of profession k: seed * 1_000_000 + r * 10_000 + k * 1_000
+    + i for the first ten professions (as this lab has always drawn them), and from the
+    eleventh on, the same in a block of their own (k // 10) * 10**9 higher: UCE's profession
+    lists run past ten (the paper debiases dozens at once), and the plain formula gave
+    profession 10 of round r the seeds of profession 0 of round r + 1."""
+    k_lo, k_hi = k % 10, k // 10
+    return [k_hi * 10**9 + seed * 1_000_000 + r * 10_000 + k_lo * 1_000 + i for i in range(n)]
+
+
 def uce_debias(model, professions: Sequence[str], judge: Callable[[np.ndarray], np.ndarray],
                hparams: DebiasHparams | None = None, *, preserve: Sequence[str] = (),
                progress: bool = False) -> EditResult:
@@ -171,7 +181,7 @@ def uce_debias(model, professions: Sequence[str], judge: Callable[[np.ndarray], 
                 continue
             templ = profession_prompts(model, p, h.templates)
             prompts += [templ[i % len(templ)] for i in range(h.n_images)]
-            seeds += [h.seed * 1_000_000 + r * 10_000 + k * 1_000 + i for i in range(h.n_images)]
+            seeds += round_seeds(h.seed, r, k, h.n_images)
             who += [k] * h.n_images
         # every unfrozen profession in one generation call: on a GPU a call of a few hundred
         # organism images costs about what one of 50 does, and the seeds fix each image alone

@@ -99,8 +99,8 @@ class DebiasHparams:
             given round is partly chance, as in both official codes; n_images >= 100 brings it
             to the tolerance (0.05) and fewer wasted rounds.
         steps, guidance_scale: sampling; None takes the family's defaults (organism: 20, 3.0).
-        seed: round r, image i uses seed seed * 1_000_000 + r * 10_000 + i (never the
-            evaluation's seeds).
+        seed: round r, profession k, image i uses seed seed * 1_000_000 + r * 10_000 + k * 1_000
+            + i (never the evaluation's seeds; professions past the tenth: editing.debias.round_seeds).
         templates: prompts of each profession, "{x}" is the profession's noun phrase ("a ceo");
             None: the organism's caption phrasings on the organism, else the paper-era code's five.
     """

@@ -89,6 +89,20 @@ def test_uce_debias_judges_every_profession_of_a_round_in_one_call(organism):
         assert r.info["history"][0]["female_shares"][p] == judge(alone).mean()
 
 
+def test_debias_round_seeds_never_repeat_across_professions_and_rounds():
+    from editing.debias import round_seeds
+
+    # the first ten professions keep the seeds this lab has always drawn
+    assert round_seeds(7, 2, 3, 4) == [7_000_000 + 20_000 + 3_000 + i for i in range(4)]
+    # 40 professions (UCE debiases dozens at once) x 30 rounds x 1,000 images: each seed once
+    seen = set()
+    for r in range(30):
+        for k in range(40):
+            got = round_seeds(7, r, k, 1000)
+            seen.update(got)
+    assert len(seen) == 30 * 40 * 1000
+
+
 def test_road_expectations_cover_every_request():
     for row in organism_road_requests():
         for key in ("Prompt", "New", "Old", *[f"Positive_oracle{i}" for i in range(1, 6)],
