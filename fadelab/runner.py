@@ -129,6 +129,17 @@ def run_cells(config: str | None, out: Path, *, shard: str | None = None, device
 SPAWNED_AT = "FADELAB_SPAWNED_AT"
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc/self/stat's start time against the boot
+    clock, to 1/100 s); None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def startup_line(results: list[dict]) -> str | None:
     """One line on what the processes of run_local_jobs spent before their cells' work: start-up
     (interpreter, imports, the experiment; Popen to the first cell) and the model load inside the
@@ -139,7 +150,10 @@ def startup_line(results: list[dict]) -> str | None:
 
     if not any(r.get("startup_s") is not None for r in results):
         return None
-    return (f"{len(results)} processes: start-up {span('startup_s')} before the first cell, "
+    began = f"started {span('spawned_after_s')} after `fadelab run` began; " if any(
+        r.get("spawned_after_s") is not None for r in results) else ""
+    n = len(results)
+    return (f"{n} process{'' if n == 1 else 'es'}: {began}start-up {span('startup_s')} before the first cell, "
             f"model load {span('model_load_s')} within it")
 
 
@@ -424,7 +438,7 @@ def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env, grid,
     for c in before:
         (queue / c.id).write_text(DONE_BEFORE)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    procs = []
+    procs, spawned_after = [], []
     for i in range(jobs):
         env = dict(os.environ)
         if mps_env is not None:  # the daemon numbers the GPUs it sees from 0 for its clients
@@ -435,6 +449,7 @@ def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env, grid,
         env.setdefault("OMP_NUM_THREADS", threads)  # N processes, not N x all cores of threads
         env["TQDM_DISABLE"] = "1"  # the children run --quiet; the parent's bar counts their cells
         env[SPAWNED_AT] = repr(time.time())
+        spawned_after.append(process_age())
         cmd = [sys.executable, "-m", "fadelab.cli", "run", *([config] if config else []),
                "--out", str(out), "--queue", str(queue), "--device", device, "--no-report",
                "--quiet", *(["--smoke"] if smoke else [])]
@@ -447,7 +462,10 @@ def _local_jobs(config, out, jobs, device, smoke, progress, gpus, mps_env, grid,
             if p.returncode != 0:
                 failed.append(f"{i}/{jobs} (exit {p.returncode})")
                 continue
-            results.append(json.loads(stdout.strip().splitlines()[-1]))
+            summary = json.loads(stdout.strip().splitlines()[-1])
+            if spawned_after[i] is not None:  # this (the parent) process's age at the Popen
+                summary["spawned_after_s"] = round(spawned_after[i], 1)
+            results.append(summary)
     finally:
         import shutil
 

@@ -141,11 +141,13 @@ case "${1:-}" in
    t "$main" "${2:-560}" python3 -m fadelab.cli run "$cfg" --device cuda --quiet --no-report --out "fadelab-out/$main"
    kill $mon 2>/dev/null
    python3 -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot"
-   if [ -n "${OLD:-}" ]; then
-     t "$main-report-old" "${3:-240}" env PYTHONPATH="/tmp/site:$PWD/$OLD" python3 -c "import sys
+   if [ -n "${OLD:-}" ]; then  # run from inside OLD: `python3 -c` puts its working folder first on
+     # sys.path, ahead of PYTHONPATH, so session 21's lane, run from here, ran this tree instead
+     (cd "$OLD" && t "$main-report-old" "${3:-240}" env PYTHONPATH="/tmp/site:$PWD" python3 -c "import sys, analysis
+assert analysis.__file__.startswith(sys.argv[3]), analysis.__file__
 from fadelab.grid import load_experiment, merge; from analysis.report import write_report
 write_report(merge(load_experiment(sys.argv[1]), sys.argv[2]), sys.argv[2] + '/report-old')" \
-         "$cfg" "fadelab-out/$main"
+         "$([ "$cfg" = organism ] && echo organism || echo "../$cfg")" "../fadelab-out/$main" "$PWD")
    fi
    t "$main-report" "${3:-240}" python3 -m fadelab.cli run "$cfg" --device cuda --quiet --out "fadelab-out/$main"
    t "$main-report-stages" "${3:-240}" python3 scripts/report_timing.py "$cfg" "fadelab-out/$main"

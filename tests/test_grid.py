@@ -158,6 +158,18 @@ def test_startup_line_spans_the_processes_and_is_absent_without_their_times():
                         {"startup_s": 10.0, "model_load_s": 4.0}])
     assert got == "3 processes: start-up 9.0-12.2 s before the first cell, model load 3.5-4.0 s within it"
     assert startup_line([{"ran": [], "seconds": 1.0}]) is None  # shards and Slurm tasks report none
+    got = startup_line([{"startup_s": 1.0, "model_load_s": 2.0, "spawned_after_s": 3.0}])
+    assert got.startswith("1 process: started 3.0-3.0 s after `fadelab run` began; start-up 1.0-1.0 s")
+
+
+def test_process_age_counts_from_the_process_start():
+    from fadelab.runner import process_age
+
+    age = subprocess.run([sys.executable, "-c", "import time; time.sleep(0.5); from fadelab.runner "
+                          "import process_age; print(process_age())"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    assert 0.5 <= float(age) < 30
+    assert process_age() > 0  # this test process is older than its own start
 
 
 def test_queued_cells_share_the_grid_and_wait_for_a_running_edit(tmp_path):
@@ -203,7 +215,8 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     printed = cap.out
     assert "report:" in printed and (out / "report.html").exists()
     # what the processes spent before their cells' work, measured in each child
-    assert re.search(r"^2 processes: start-up \d+\.\d-\d+\.\d s before the first cell, "
+    assert re.search(r"^2 processes: started \d+\.\d-\d+\.\d s after `fadelab run` began; "
+                     r"start-up \d+\.\d-\d+\.\d s before the first cell, "
                      r"model load \d+\.\d-\d+\.\d s within it$", cap.err, re.M), cap.err
     assert not list((out / "cells").glob(".queue-*"))  # the processes' shared queue is cleaned up
     exp = load_experiment(cfg)
