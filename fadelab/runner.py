@@ -65,12 +65,23 @@ def generate_images(prompts: list[str], seeds: list[int], *, family: str = "orga
 
 # -- the grid: cells, shards, local processes, Slurm ----------------------------------------------
 
-def _code_version() -> str:
+def _code_version(where: Path | None = None) -> str:
+    """The checkout's commit, with "+modified" when tracked files differ from it (uncommitted
+    edits, or a copy of a newer tree beside an older .git, as on the lent GPU machines, where
+    session 21's stores named the session's first commit for code six commits later); "unknown"
+    outside a git checkout."""
     import subprocess
 
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=where or Path(__file__).parent, timeout=10)
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+        head = git("rev-parse", "HEAD").stdout.strip()
+        if not head:
+            return "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no")
+        return head + ("+modified" if changed.returncode == 0 and changed.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

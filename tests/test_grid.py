@@ -162,6 +162,26 @@ def test_startup_line_spans_the_processes_and_is_absent_without_their_times():
     assert got.startswith("1 process: started 3.0-3.0 s after `fadelab run` began; start-up 1.0-1.0 s")
 
 
+def test_code_version_names_the_commit_and_says_when_tracked_files_differ(tmp_path):
+    from fadelab.runner import _code_version
+
+    assert _code_version(tmp_path) == "unknown"  # not a git checkout
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, env=env, check=True,  # noqa: E731
+                                    capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert _code_version(tmp_path) == head
+    (tmp_path / "new.py").write_text("")  # untracked files are not the code that ran
+    assert _code_version(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _code_version(tmp_path) == head + "+modified"
+
+
 def test_process_age_counts_from_the_process_start():
     from fadelab.runner import process_age
 
