@@ -84,6 +84,9 @@
 # brings back only 8 files). The organism retrain: scripts/device_organism_retrain.sh.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# byte-compile as a user's pip install does (--no-compile left it to the first import: session 21's
+# main job had 8 processes compiling diffusers at once in their 11-15 s model load)
+python3 -m compileall -q -j 0 /tmp/site > /dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false FADELAB_BENCHMARKS=$PWD/.bench-data
 nvidia-smi -L; date -u
 t() {  # t NAME SECONDS cmd...: run with a time limit, log to $OUT/NAME.log, one line to $OUT/lanes.txt
