@@ -87,6 +87,7 @@ class GraphedDenoiser:
         warm-up passes use torch.autograd.grad, so they leave the parameters' .grad alone."""
         # samples with the real inputs' values and requires_grad, detached from their graphs
         sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        _quiet_stream_mismatch()
         try:
             # unused trainable parameters get no gradient, as in eager mode (instead of an error)
             self.graphed = torch.cuda.make_graphed_callables(_Call(self.denoiser), sample, allow_unused_input=True)
@@ -95,14 +96,25 @@ class GraphedDenoiser:
             log.warning("cuda_graphs: capture failed (%s); the denoiser runs eagerly from here", self.failed)
             return
         self.signature = sig
-        # The capture's warm-up made the parameters' AccumulateGrad nodes on its side stream, and
-        # the captured graph keeps them, so torch warns at the first backward after it that their
-        # stream differs from the step's ("may incur unnecessary synchronization"). That is how
-        # the steps measured 2.8-5.1x faster and bit for bit eager's (module docstring); the
-        # warning, 3 lines in each process of the GPU main job, tells the user nothing to do.
+        log.info("cuda_graphs: denoiser forward and backward captured for inputs %s", [tuple(a.shape) for a in args])
+
+
+def _quiet_stream_mismatch() -> None:
+    """Turn off torch's AccumulateGrad stream-mismatch warning for this process, before a capture.
+
+    The capture's warm-up makes the parameters' AccumulateGrad nodes on its side stream, and the
+    captured graph keeps them, so torch warns that their stream differs from the step's ("may
+    incur unnecessary synchronization"). That is how the steps measured 2.8-5.1x faster and bit
+    for bit eager's (module docstring); the warning, 3 lines in each process of the GPU main job,
+    tells the user nothing to do. Session 20 filtered it with warnings.filterwarnings after the
+    capture, and session 21's main job still printed it in all 8 processes; torch's own switch
+    (which the warning names), set before the capture, is what this uses where torch has it."""
+    switch = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if switch is not None:
+        switch(False)
+    else:  # an older torch: the Python filter, before the capture this time
         warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match",
                                 category=UserWarning)
-        log.info("cuda_graphs: denoiser forward and backward captured for inputs %s", [tuple(a.shape) for a in args])
 
 
 def graphs_unsupported(hp, device: torch.device, processes: int, objective: Any) -> str | None:

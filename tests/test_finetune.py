@@ -5,6 +5,7 @@ checkpoints, resume, non-finite losses, gradient hooks."""
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -396,6 +397,18 @@ def test_cuda_graphs_on_the_cpu_change_nothing(model, style, caplog):
             assert torch.equal(asked.delta.dense(site), eager.delta.dense(site))
 
 
+def test_a_capture_turns_torchs_stream_mismatch_warning_off_first():
+    from finetuning.graphs import _quiet_stream_mismatch
+
+    was = torch._C._warn_on_accumulate_grad_stream_mismatch()
+    try:
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
+        _quiet_stream_mismatch()
+        assert torch._C._warn_on_accumulate_grad_stream_mismatch() is False
+    finally:
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(was)
+
+
 @needs_weights
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -409,7 +422,12 @@ def test_cuda_graphs_train_as_eager_does_on_a_gpu():
     for method in ("lora", "full"):
         hp = short(method, steps=20, batch_size=8, cuda_graphs=False)
         eager = train(gpu, data, hp, seed=2, progress=False)
-        graphed = train(gpu, data, replace(hp, cuda_graphs=True), seed=2, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graphed = train(gpu, data, replace(hp, cuda_graphs=True), seed=2, progress=False)
+        # torch's AccumulateGrad stream-mismatch warning is off once graphs are captured (it
+        # printed in each of the GPU main job's 8 processes through session 21)
+        assert not [w for w in caught if "AccumulateGrad" in str(w.message)], [str(w.message)[:80] for w in caught]
         assert graphed.info["cuda_graphs"] == {"eager_calls": 0}
         assert np.allclose(graphed.loss, eager.loss, rtol=0.05, atol=1e-3), (method, graphed.loss, eager.loss)
         for site in eager.delta.sites():
