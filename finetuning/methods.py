@@ -75,8 +75,12 @@ def working_copy(module: nn.Module, dtype: torch.dtype | None = torch.float32) -
     """A deep copy in `dtype` (None: the module's own), every parameter frozen (methods unfreeze
     what they train)."""
     out = copy.deepcopy(module)
-    if dtype is not None:
-        out = out.to(dtype)
+    tensors = [*out.parameters(), *out.buffers()]
+    if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+        # torch's own cast: diffusers' ModelMixin.to warns at every dtype cast that modules
+        # "should be kept in float32" even when it names none ([]), once in each of the GPU
+        # main job's processes
+        out = nn.Module.to(out, dtype)
     out.requires_grad_(False)
     return out
 
