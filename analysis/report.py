@@ -96,7 +96,7 @@ def _probe_means(st, edit: str, ft: str) -> dict[str, float]:
         return {m: float(np.nanmean(table[i])) for i, m in enumerate(metrics)}
 
 
-NEURON_COLUMNS = ("fade_edit", "fade_all", "effect", "p_value")
+NEURON_COLUMNS = ("fade_edit", "fade_all", "effect", "p_value", "rho_ft_fade")
 
 
 def _neuron_stats(st, edit: str, ft: str) -> dict:
@@ -254,7 +254,9 @@ def neuron_table(st):
     numbers of edit, feature ("ft"-selective) and shared neurons, the mean fade of the edit
     neurons and of all units, mean polysemanticity (N_eff, concepts above z) of edit neurons
     against all units, and the shared-fade test (effect = mean fade of shared minus other edit
-    neurons, bootstrap CI, one-sided permutation p)."""
+    neurons, bootstrap CI, one-sided permutation p), then its graded form over every edit neuron
+    (rho_ft_fade: Spearman rho of the neuron's z for the fine-tuning captions against its fade,
+    one-sided permutation p; NaN in stores written before it existed)."""
     import pandas as pd
 
     rows = []
@@ -266,7 +268,8 @@ def neuron_table(st):
             row = {"edit": e, "finetune": f, "site": stats.get("site"), "ref": stats.get("ref"),
                    **{k: stats.get(k, np.nan) for k in ("n_edit", "n_feature", "n_shared", "fade_edit",
                                                         "fade_all", "mean_shared", "mean_other", "effect",
-                                                        "ci_low", "ci_high", "p_value", "cohen_d")}}
+                                                        "ci_low", "ci_high", "p_value", "cohen_d",
+                                                        "rho_ft_fade", "rho_p_value", "rho_n")}}
             name = f"probes/neurons/{e}/{f}"
             if st.is_complete(f"/arrays/{name}"):
                 table = np.asarray(st.read_array(name), np.float64)

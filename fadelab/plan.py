@@ -712,10 +712,12 @@ def _weight_probes(ctx, st, cell, d_ed, keys, ft) -> None:
 #: rows of probes/neurons/<edit>/<finetune> (metric, neuron)
 NEURON_METRICS = ("edit_weight", "is_edit", "is_feature", "mean_a", "mean_b", "shift", "cohen_d",
                   "rel_change", "retention", "fade", "n_concepts", "selectivity", "n_eff", "n_eff_rel",
-                  "n_probe_concepts")
-#: entries of probes/neurons_test/<edit>/<finetune> (stat): probes.neurons.shared_fade_test
+                  "n_probe_concepts", "z_ft")
+#: entries of probes/neurons_test/<edit>/<finetune> (stat): probes.neurons.shared_fade_test, then
+#: probes.neurons.graded_fade_test (rho_*; stores written before 2026-12-07's session 21 lack them)
 FADE_STATS = ("effect", "ci_low", "ci_high", "p_value", "cohen_d", "n_shared", "n_other",
-              "mean_shared", "mean_other", "n_edit", "n_feature", "fade_edit", "fade_all")
+              "mean_shared", "mean_other", "n_edit", "n_feature", "fade_edit", "fade_all",
+              "rho_ft_fade", "rho_p_value", "rho_n")
 
 
 def _keys_at(keys: dict, site: str) -> dict:
@@ -836,6 +838,10 @@ def _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, ft_table) -> None:
     shift = pn.activation_shift(a_ed[:ne], a_ft, ref=a_m)
     test = pn.shared_fade_test(shift["fade"], edit_idx, feature,
                                n_resamples=int(cfg.get("neuron_resamples", 999)), seed=ctx.exp.seed)
+    z_ft = (poly["z"].sel(concept="ft").values if "ft" in poly["concept"].values
+            else np.full(poly.sizes["neuron"], np.nan))
+    graded = pn.graded_fade_test(shift["fade"], edit_idx, z_ft,
+                                 n_resamples=int(cfg.get("neuron_resamples", 999)), seed=ctx.exp.seed)
     n_units = a_ed.shape[1]
     weight = np.zeros(n_units)
     weight[np.asarray(edit_idx, int)] = edit_w
@@ -849,12 +855,14 @@ def _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, ft_table) -> None:
     rows.update({m: poly[m].values for m in ("n_concepts", "selectivity", "n_eff", "n_eff_rel")})
     rows["n_probe_concepts"] = (poly["n_probe_concepts"].values if "n_probe_concepts" in poly
                                 else np.full(n_units, np.nan))
+    rows["z_ft"] = z_ft
     table = np.stack([np.asarray(rows[m], np.float64) for m in NEURON_METRICS])
     fade = shift["fade"].values
     with np.errstate(all="ignore"):
         extra = {"n_edit": len(edit_idx), "n_feature": len(feature),
                  "fade_edit": float(np.nanmean(fade[np.asarray(edit_idx, int)])) if len(edit_idx) else np.nan,
-                 "fade_all": float(np.nanmean(fade)) if np.isfinite(fade).any() else np.nan}
+                 "fade_all": float(np.nanmean(fade)) if np.isfinite(fade).any() else np.nan,
+                 "rho_ft_fade": graded.rho, "rho_p_value": graded.p_value, "rho_n": graded.n}
     stats = np.array([float(getattr(test, k)) if hasattr(test, k) else float(extra[k]) for k in FADE_STATS])
     tail = f"{cell.edit}/{cell.finetune}"
     common = {"site": site, "position": str(position), "ref": "M" if ref_is_m else "zero",

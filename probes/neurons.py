@@ -23,6 +23,8 @@ Offers
     uce_edit_neurons(keys, top)       text-embedding channels of the UCE keys c_e
     activation_shift(A, B, ref)       how each neuron moves from variant A to B (M_ed -> M_ed_ft)
     shared_fade_test(fade, edit, feature)  the study's hypothesis: shared edit neurons fade more
+    graded_fade_test(fade, edit, ft_score) the same without a threshold: Spearman rho of each edit
+                                           neuron's fine-tuning response against its fade
 
 Definitions
     z-score: "robust" (default) centres on the median over prompts and scales by 1.4826 MAD
@@ -533,3 +535,65 @@ def shared_fade_test(fade: Any, edit_neurons: Iterable[int], feature_neurons: It
     return FadeTest(effect, float(boot.confidence_interval.low), float(boot.confidence_interval.high),
                     float(perm.pvalue), effect / pooled if pooled > 0 else nan, len(shared), len(other),
                     float(shared.mean()), float(other.mean()), alternative, confidence, n_resamples)
+
+
+@dataclass(frozen=True)
+class GradedFadeTest:
+    """Result of `graded_fade_test`: Spearman rho of each edit neuron's fine-tuning-feature score
+    against its fade, with a permutation p-value."""
+
+    rho: float
+    p_value: float
+    n: int
+    alternative: str
+    n_resamples: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def graded_fade_test(fade: Any, edit_neurons: Iterable[int], ft_score: Any,
+                     neurons: Sequence[int] | None = None, *, alternative: str = "greater",
+                     n_resamples: int = 9999, seed: int = 0) -> GradedFadeTest:
+    """The study's hypothesis without a threshold: over the edit neurons, do those that respond
+    more to the fine-tuning data fade more? Spearman's rho of `ft_score` (per neuron, e.g. the z
+    of concept "ft" from `polysemanticity`) against `fade`, and the p-value of a permutation test
+    of the pairing (scipy.stats.permutation_test, one-sided "greater" by default).
+
+    `shared_fade_test` splits the edit neurons at a z threshold, and on the organism's main job
+    (2026-12-07, one H100) every one of its 36 edit x fine-tune cells had fewer than 2 edit neurons
+    above it (29 had none), so the split test had nothing to compare; the graded test uses every edit neuron.
+    With fewer than 3 edit neurons where both values are finite, or no spread in either, rho and
+    p are NaN."""
+    if alternative not in ("greater", "less", "two-sided"):
+        raise FadelabError(f"alternative={alternative!r}: accepted are 'greater', 'less', 'two-sided'")
+    if neurons is None and hasattr(fade, "coords") and "neuron" in getattr(fade, "coords", {}):
+        neurons = fade["neuron"].values
+    f = np.asarray(getattr(fade, "values", fade), dtype=np.float64).reshape(-1)
+    score = np.asarray(getattr(ft_score, "values", ft_score), dtype=np.float64).reshape(-1)
+    if score.shape != f.shape:
+        raise FadelabError(f"ft_score has {score.size} values and fade {f.size}; give one per neuron")
+    coords = np.arange(len(f)) if neurons is None else np.asarray(neurons)
+    where = {c: i for i, c in enumerate(coords.tolist())}
+    edit = [int(n) if isinstance(n, np.integer) else n for n in edit_neurons]
+    unknown = [n for n in edit if n not in where]
+    if unknown:
+        raise FadelabError(f"edit neurons {unknown[:5]} are not among the {len(f)} neurons of fade")
+    rows = np.array([where[n] for n in edit], dtype=int)
+    x, y = score[rows], f[rows]
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    nan = math.nan
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return GradedFadeTest(nan, nan, int(len(x)), alternative, n_resamples)
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+
+    def rho(a, axis=-1):  # Pearson of the ranks, the permuted copies of ry along axis
+        a = a - a.mean(axis=axis, keepdims=True)
+        b = rx - rx.mean()
+        return (a * b).sum(axis=axis) / np.sqrt((a * a).sum(axis=axis) * (b * b).sum())
+
+    perm = stats.permutation_test((ry,), rho, permutation_type="pairings", vectorized=True,
+                                  n_resamples=n_resamples, alternative=alternative,
+                                  rng=np.random.default_rng(seed))
+    return GradedFadeTest(float(rho(ry)), float(perm.pvalue), int(len(x)), alternative, n_resamples)

@@ -279,6 +279,12 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
         for name in ("probes/neurons/erase/lora", "probes/neurons_test/erase/lora",
                      "probes/neurons_concepts/erase/lora"):
             assert st.is_complete(f"/arrays/{name}"), name
+        # the graded shared-fade test over every edit neuron, beside the split one
+        test = dict(zip(st.array_attrs("probes/neurons_test/erase/lora")["stat"],
+                        st.read_array("probes/neurons_test/erase/lora")))
+        assert 0 < test["rho_n"] <= test["n_edit"], test
+        assert np.isnan(test["rho_ft_fade"]) or -1 <= test["rho_ft_fade"] <= 1
+        assert "z_ft" in st.array_attrs("probes/neurons/erase/lora")["metric"]
     with h5py.File(out / "experiment.h5", "r") as f:
         assert isinstance(f.get("/deltas/M_ft", getlink=True), h5py.ExternalLink)
     html = (out / "report.html").read_text()

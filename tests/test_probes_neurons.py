@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from models import FadelabError, WeightDelta, apply_delta
 from probes import neurons as pn
@@ -190,6 +191,31 @@ def test_shared_fade_test_exact_p_and_planted_effect():
     assert null.p_value > 0.05
     few = pn.shared_fade_test(fade, range(60), [0])
     assert few.n_shared == 1 and math.isnan(few.p_value)
+
+
+def test_graded_fade_test_matches_spearman_and_finds_a_planted_trend():
+    # 5 edit neurons of 7: every pairing enumerated (5! = 120 <= n_resamples), so p is exact
+    score = np.array([3.0, 0.1, 2.0, -1.0, 1.0, 9.0, 9.0])
+    fade = np.array([0.9, 0.2, 0.7, 0.1, 0.15, 0.0, 0.0])
+    res = pn.graded_fade_test(fade, [0, 1, 2, 3, 4], score, n_resamples=9999)
+    assert res.n == 5 and res.rho == pytest.approx(stats.spearmanr(score[:5], fade[:5]).statistic)
+    assert res.rho == pytest.approx(0.9)  # one swap from a perfect order
+    # exact: pairings with rho >= 0.9 are the identity and the four adjacent swaps of 120
+    assert res.p_value == pytest.approx(5 / 120)
+    g = np.random.default_rng(4)
+    z = g.standard_normal(40)
+    trend = pn.graded_fade_test(0.5 * z + 0.3 * g.standard_normal(40), range(40), z, n_resamples=2000)
+    assert trend.rho > 0.6 and trend.p_value < 0.01
+    null = pn.graded_fade_test(g.standard_normal(40), range(40), z, n_resamples=2000)
+    assert null.p_value > 0.05
+    # the opposite trend: not significant one-sided, significant "less"
+    assert pn.graded_fade_test(-0.5 * z, range(40), z, n_resamples=500).p_value > 0.5
+    assert pn.graded_fade_test(-0.5 * z, range(40), z, n_resamples=500, alternative="less").p_value < 0.01
+    # too few edit neurons, or no spread: NaN with the count
+    assert math.isnan(pn.graded_fade_test(fade, [0, 1], score).rho)
+    assert math.isnan(pn.graded_fade_test(np.ones(7), [0, 1, 2, 3], score).p_value)
+    with pytest.raises(FadelabError, match="one per neuron"):
+        pn.graded_fade_test(fade, [0, 1, 2], score[:3])
 
 
 # -- the organism --------------------------------------------------------------------------------
