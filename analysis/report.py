@@ -349,8 +349,9 @@ def figures(st, ds) -> dict[str, bytes]:
 
 
 def _neuron_figure(st, plt):
-    """Per cell: fade of each edit neuron (shared with "ft" features: red, other: grey) and the
-    means; left of it, fade against each edit neuron's polysemanticity (N_eff)."""
+    """Per cell: fade of each edit neuron (shared with "ft" features: red, other: grey); right of
+    it, fade against each edit neuron's polysemanticity (N_eff), and, where the cells stored it
+    (since session 21), fade against its z for the fine-tuning captions: the graded test's view."""
     cells = []
     for e in _array_names(st, "probes/neurons"):
         for f in _array_names(st, f"probes/neurons/{e}"):
@@ -361,8 +362,10 @@ def _neuron_figure(st, plt):
                 cells.append((f"{e} / {f}", {m: table[i] for i, m in enumerate(metrics)}))
     if not cells:
         return None
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(6, 0.5 * len(cells) + 4), 4),
-                                 gridspec_kw={"width_ratios": [max(2, len(cells)), 2]})
+    graded = any("z_ft" in t for _, t in cells)
+    fig, axes = plt.subplots(1, 3 if graded else 2, figsize=(max(6, 0.5 * len(cells) + (7 if graded else 4)), 4),
+                             gridspec_kw={"width_ratios": [max(2, len(cells)), 2, *([2] if graded else [])]})
+    ax, bx = axes[0], axes[1]
     for k, (label, t) in enumerate(cells):
         edit = t["is_edit"] > 0
         shared = edit & (t["is_feature"] > 0)
@@ -372,12 +375,19 @@ def _neuron_figure(st, plt):
             ax.scatter(np.full(len(y), k) + np.linspace(-0.2, 0.2, max(len(y), 1))[:len(y)], y, s=6, c=colour)
         bx.scatter(t["n_eff"][other], t["fade"][other], s=6, c="0.6")
         bx.scatter(t["n_eff"][shared], t["fade"][shared], s=6, c="tab:red")
+        if graded and "z_ft" in t:
+            axes[2].scatter(t["z_ft"][other], t["fade"][other], s=6, c="0.6")
+            axes[2].scatter(t["z_ft"][shared], t["fade"][shared], s=6, c="tab:red")
     ax.set_xticks(range(len(cells)), [c[0] for c in cells], rotation=90, fontsize=6)
     ax.set_ylabel("fade of edit neurons (1 - retention)")
     ax.set_title("edit neurons: shared with 'ft' features (red), other (grey)", fontsize=8)
     bx.set_xlabel("N_eff (polysemanticity)")
     bx.set_ylabel("fade")
     bx.set_title("fade against N_eff", fontsize=8)
+    if graded:
+        axes[2].set_xlabel("z for the fine-tuning captions ('ft')")
+        axes[2].set_ylabel("fade")
+        axes[2].set_title("fade against 'ft' response (graded test)", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 
