@@ -460,6 +460,32 @@ def _html_table(df) -> str:
                       escape=True)
 
 
+def hypothesis_summary(neurons, alpha: float = 0.05) -> str | None:
+    """One sentence on the study's hypothesis (edit neurons that share the fine-tuning's features
+    fade more) over the cells of `neuron_table`: in how many the split test could run and was
+    significant, and the same for the graded test, at `alpha` without correction, with the count
+    that chance alone would give. None without neuron probes."""
+    if neurons is None or len(neurons) == 0:
+        return None
+    n = len(neurons)
+
+    def counted(p_col):
+        if p_col not in neurons:
+            return 0, 0
+        p = neurons[p_col].astype(float)
+        return int(p.notna().sum()), int((p < alpha).sum())
+
+    split_ran, split_sig = counted("p_value")
+    graded_ran, graded_sig = counted("rho_p_value")
+    text = (f"Shared-fade hypothesis over {n} edit x fine-tune cell{'' if n == 1 else 's'}: the split test (shared against "
+            f"other edit neurons) could run in {split_ran} and gave p < {alpha:g} in {split_sig}")
+    if "rho_p_value" in neurons:
+        text += (f"; the graded test (Spearman rho of each edit neuron's 'ft' z against its fade) ran in "
+                 f"{graded_ran} and gave p < {alpha:g} in {graded_sig}")
+    return text + (f" (one-sided, uncorrected: chance alone gives about {alpha:g} of the cells that ran; "
+                   "table neurons_shared_fade).")
+
+
 def write_report(store_path: str | Path, out: str | Path) -> Path:
     """Write out/report.html (figures inlined as data URIs, so it opens offline), the tables as
     Markdown and CSV under out/tables/ and the figures as PNG under out/figures/."""
@@ -489,6 +515,9 @@ def write_report(store_path: str | Path, out: str | Path) -> Path:
              "<p>Delta = value(M_ed_ft) - value(M_ed) of each edit's headline metric, with a paired "
              "bootstrap 95% interval; |Delta| is the study's persistence measure. Probe columns are "
              "means over the edited sites.</p>"]
+    summary = hypothesis_summary(tabs.get("neurons_shared_fade"))
+    if summary:
+        parts.append(f"<p>{html.escape(summary)}</p>")
     for name, df in tabs.items():
         parts.append(f"<h2>{html.escape(name)}</h2>{_html_table(df)}")
     for name, png in figs.items():

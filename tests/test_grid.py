@@ -151,6 +151,22 @@ def test_bad_shard_and_missing_config(tmp_path, capsys):
     assert err.startswith("error: experiment config") and "\n" not in err
 
 
+def test_hypothesis_summary_counts_the_cells_each_test_ran_in_and_found():
+    import pandas as pd
+
+    from analysis.report import hypothesis_summary
+
+    cells = pd.DataFrame({"p_value": [np.nan, np.nan, 0.01], "rho_p_value": [0.2, 0.04, 0.001]})
+    got = hypothesis_summary(cells)
+    assert got.startswith("Shared-fade hypothesis over 3 edit x fine-tune cells: the split test "
+                          "(shared against other edit neurons) could run in 1 and gave p < 0.05 in 1; "
+                          "the graded test (Spearman rho of each edit neuron's 'ft' z against its fade) "
+                          "ran in 3 and gave p < 0.05 in 2 (one-sided, uncorrected"), got
+    # a store from before the graded test: the split test alone; no neuron probes: nothing
+    assert "graded" not in hypothesis_summary(cells[["p_value"]])
+    assert hypothesis_summary(pd.DataFrame()) is None and hypothesis_summary(None) is None
+
+
 def test_startup_line_spans_the_processes_and_is_absent_without_their_times():
     from fadelab.runner import startup_line
 
@@ -290,6 +306,7 @@ def test_grid_runs_in_two_processes_resumes_merges_and_reports(tmp_path, capsys)
     html = (out / "report.html").read_text()
     assert "table3_unsafe" in html and "data:image/png;base64" in html
     assert "neurons_shared_fade" in html
+    assert "Shared-fade hypothesis over 1 edit x fine-tune cell: the split test" in html
     # with every cell done, --jobs starts no process (each would load the model for nothing)
     from fadelab import runner
 
