@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The lab's GPU work as calls of under 10 minutes, the done ones kept for reruns. Owed after
-# session 20 (2026-12-07; its second half got no machine), in this order: `OLD=oldcode bash
-# scripts/device_next.sh 5 300 60` with oldcode/ made from c41d203 as for call 7 (the main job
-# with 6c55ae3's lighter merge and report, against c41d203's on the same cells), then 11 (the
-# GPU-only tests and textual inversion's graphs probe) on the same warm machine, then 4. Calls 1-3
+# session 21 (2026-12-07; 30 minutes of device time, most of it spent waiting for a machine), in
+# this order: `OLD=oldcode bash scripts/device_next.sh 5 300 60` with oldcode/ made from c41d203
+# as for call 7 (session 21's run of it ran this tree in its baseline lane, since fixed: the main
+# job's merge and report against c41d203's on the same cells, and the parents' start-up line),
+# then 11 (the GPU-only tests, which now also check that the AccumulateGrad warning is gone, and
+# textual inversion's graphs probe), then 12 twice on one warm machine, then 4. Calls 1-3
 # and 5-10 need one GPU (kind nvidia-h200); call 4 needs two (nvidia-h200-x2 or nvidia-h100-x2, withheld in
 # sessions 6 and 7). Carry .whl and .bench-data (a copy of ../shared/data:
 #   rm -rf .bench-data && cp -r ../shared/data .bench-data   -- ignored by .gitignore).
@@ -28,6 +30,9 @@
 #      240). OLD=oldcode: an older tree's merge and report first, on the same cells (the same-call
 #      baseline; make oldcode/ as for call 7). GRAPHS=1: with cuda_graphs = true in every
 #      fine-tune (scripts/graphs_config.py), into fadelab-out/main-graphs.
+#      Session 21 (2026-12-07, H100, code 1d0bd13): all 50 cells in 283 s, each process 6-7 s of start-up
+#      and 11-15 s of model load before its first cell's work, then the merge and report 21 s
+#      (docs/measured/2026-12-07-h100-mainjob-s21.txt); its OLD lane ran this tree (fixed since)
 #      Session 20 (2026-12-07, H100, code c41d203, the shipped defaults): all 50 cells in 262 s,
 #      then the merge and report 54 s under cProfile (docs/measured/2026-12-07-h100-mainjob-auto.txt)
 #      Session 19 (2026-12-07, H100, code de33057, GRAPHS=1, under MPS): all 50 cells in about
@@ -79,7 +84,11 @@
 # 12 [SECONDS [BUDGET_S]]: issue 8: SD1.4 generation with inductor's coordinate-descent tuning
 #      (full+vae-cdt, new in session 21), the default full+vae, then full+vae-1x1mm-cdt, 10 timed
 #      batches each against one stock baseline; option sets that would start after BUDGET_S
-#      (default 330) are skipped.
+#      (default 330) are skipped. Session 21 (2026-12-07, H100): full+vae-cdt 1.48x (7.80 against
+#      5.26 images/s), its cold compile 457 s, so the default beside it was skipped
+#      (docs/measured/2026-12-07-h100-gen-cdt.json). The inductor cache stays in /tmp (--warm-cache):
+#      run it twice on one warm machine, and the second call, its tuned kernels cached, measures
+#      full+vae-cdt and the default side by side.
 # Logs go to $OUT/<name>.log, results to $OUT/<name>/, all packed into $OUT/results.tgz (a call
 # brings back only 8 files). The organism retrain: scripts/device_organism_retrain.sh.
 set -u
@@ -208,7 +217,7 @@ write_report(merge(load_experiment(sys.argv[1]), sys.argv[2]), sys.argv[2] + '/r
        --methods textual-inversion
    tail -3 "$OUT/gpu-tests.log"; tail -4 "$OUT/graphs-probe-ti.log" ;;
 12) t gen-cdt "${2:-560}" python3 scripts/device_bench.py --parts gen-options --batches 10 --budget-s "${3:-330}" \
-       --options full+vae-cdt,full+vae,full+vae-1x1mm-cdt --out "$OUT/gencdt"
+       --options full+vae-cdt,full+vae,full+vae-1x1mm-cdt --warm-cache --out "$OUT/gencdt"
    grep -E "vs stock|skipped" "$OUT/gen-cdt.log" ;;
 *) echo "usage: $0 1|2 [JOBS]|3 [sdxl|flux-schnell [JOBS]]|4|5 [SECONDS [REPORT_SECONDS]]|6|7 [CONFIG [JOBS [SECONDS [OLD]]]]|8 [TAG [SECONDS]]|9 [STEPS]|10 [STEPS [PROBE_S [JOBS [SECONDS]]]]|11 [STEPS]|12 [SECONDS [BUDGET_S]]" >&2; exit 2 ;;
 esac
