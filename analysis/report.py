@@ -297,13 +297,13 @@ def _png(fig) -> bytes:
 
 def _delta_norms(st, variants: list[str]):
     """(sites, |dW|_F matrix (variant, site)) over every stored final delta of `variants`."""
-    per = {v: st.sites(v) for v in variants}
+    per = {v: st.delta_norms(v) for v in variants}
     sites = sorted({s for v in variants for s in per[v]})
     col = {s: j for j, s in enumerate(sites)}
     mat = np.full((len(variants), len(sites)), np.nan)
     for i, v in enumerate(variants):
-        for s in per[v]:
-            mat[i, col[s]] = st.delta_norm(v, s)
+        for s, norm in per[v].items():
+            mat[i, col[s]] = norm
     return sites, mat
 
 

@@ -126,6 +126,20 @@ class WeightsMixin:
             return float(attrs["fro"])
         return fro_norm(self.read_delta(variant, site, step))  # raises if missing or half-written
 
+    def delta_norms(self, variant: str, step: int | None = None) -> dict[str, float]:
+        """{site: |dW|_F} of every complete delta of `variant` at `step`, as `delta_norm` gives
+        each, in one pass over the variant's group: each entry opened once, where `sites` then
+        `delta_norm` per site opened it three times (the report's heatmap reads 5,711 deltas
+        over the 50-cell main job)."""
+        grp = self.h5.get(f"/deltas/{codec.check_variant(variant)}/{step_name(step)}")
+        out = {}
+        for site, obj in (grp.items() if grp is not None else ()):
+            attrs = obj.attrs
+            if int(attrs.get("complete", 0)) != 1:
+                continue
+            out[site] = float(attrs["fro"]) if "fro" in attrs else fro_norm(self.read_delta(variant, site, step))
+        return dict(sorted(out.items()))
+
     def delta_attrs(self, variant: str, site: str, step: int | None = None) -> dict:
         """The attributes stored with a delta (provenance: method, hparams, parent, ...)."""
         self._get(self.delta_path(variant, site, step))  # raises if missing or half-written

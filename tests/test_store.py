@@ -82,12 +82,16 @@ def test_delta_norm_is_written_with_the_delta_and_read_without_it(path):
     with Store.open(path, "r") as st:
         for site, want in expect.items():
             assert st.delta_norm("M_ft/f1", site) == pytest.approx(want, rel=1e-6)
+        # all of a variant's in one pass: the same numbers; none for a variant without deltas
+        assert st.delta_norms("M_ft/f1") == {s: st.delta_norm("M_ft/f1", s) for s in expect}
+        assert st.delta_norms("M_ft/none") == {}
     with h5py.File(path, "a") as f:  # an older store: no attribute, so computed from the values
         for site in expect:
             del f[f"/deltas/M_ft/f1/final/{site}"].attrs["fro"]
     with Store.open(path, "r") as st:
         for site, want in expect.items():
             assert st.delta_norm("M_ft/f1", site) == pytest.approx(want, rel=1e-6)
+        assert st.delta_norms("M_ft/f1") == pytest.approx(expect, rel=1e-6)
         with pytest.raises(StoreError):
             st.delta_norm("M_ft/f1", "unet.c")
 
