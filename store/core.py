@@ -71,11 +71,16 @@ def _fadelab_version() -> str:
         return "unknown"
 
 
+#: an entry's whole reading as one JSON attribute, beside its attributes (metrics: value and
+#: attributes), so an index over thousands of entries reads two attributes of each, not a dozen
+PACKED = "_entry"
+
+
 def _set_attrs(obj, attrs: dict[str, Any] | None) -> None:
     """Write user attributes: scalars and strings natively, dicts and lists as JSON text."""
     json_names = []
     for key, val in (attrs or {}).items():
-        if key in ("complete", "dims", "dtype", "_json"):
+        if key in ("complete", "dims", "dtype", "_json", PACKED):
             raise StoreError(f"attribute name {key!r} is reserved by the store")
         if isinstance(val, (dict, list, tuple)) or val is None:
             obj.attrs[key] = json.dumps(val, sort_keys=True)
@@ -113,7 +118,7 @@ def decode_attrs(raw: dict[str, Any]) -> dict[str, Any]:
     json_names = set(json.loads(raw.get("_json", "[]")))
     out = {}
     for key, val in raw.items():
-        if key in ("complete", "_json", "dtype"):
+        if key in ("complete", "_json", "dtype", PACKED):
             continue
         if isinstance(val, bytes):
             val = val.decode()
@@ -306,8 +311,10 @@ class StoreCore:
 
     def _put(self, path: str, members: dict[str | None, Any], *, mode: str,
              attrs: dict | None = None, dims: dict | None = None,
-             compression: str | None = None, member_attrs: dict | None = None) -> bool:
+             compression: str | None = None, member_attrs: dict | None = None,
+             packed: str | None = None) -> bool:
         """Write an entry atomically. members: {None: value} for a dataset, else {name: value}.
+        packed: JSON text stored as attribute PACKED, before the entry is marked complete.
 
         Returns True when written, False when `mode="require"` kept a matching entry.
         """
@@ -332,6 +339,8 @@ class StoreCore:
         for name, extra in (member_attrs or {}).items():
             obj[name].attrs.update(extra)
         _set_attrs(obj, attrs)
+        if packed is not None:
+            obj.attrs[PACKED] = packed
         obj.attrs["complete"] = 1
         self.commit()
         return True

@@ -15,13 +15,14 @@ and any other named array (probe tables).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 
 import h5py
 import numpy as np
 
 from store import codec
-from store.core import decode_attrs, get_attrs, visit_items
+from store.core import PACKED, decode_attrs, get_attrs, visit_items
 from store.errors import StoreError
 from store.weights import step_name
 
@@ -130,8 +131,13 @@ class ResultsMixin:
         lo, hi = (math.nan, math.nan) if ci is None else (float(ci[0]), float(ci[1]))
         extra = {"ci_low": lo, "ci_high": hi, "n": -1 if n is None else int(n),
                  "step": -1 if step is None else int(step), "variant": variant, "name": name}
+        every = {**extra, **(attrs or {})}
+        # the whole reading, as metric_entries returns it, in one attribute (see metric_entries)
+        packed = json.dumps({"value": float(np.float64(value)),
+                             **{k: v.item() if isinstance(v, np.generic) else v for k, v in every.items()}},
+                            sort_keys=True)
         return self._put(self._metric_path(variant, name, step),
-                         {None: np.float64(value)}, mode=mode, attrs={**extra, **(attrs or {})})
+                         {None: np.float64(value)}, mode=mode, attrs=every, packed=packed)
 
     def create_metric(self, variant: str, name: str, value: float, *, ci=None, n=None,
                       step: int | None = None, attrs: dict | None = None) -> None:
@@ -157,9 +163,14 @@ class ResultsMixin:
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
-                raw = dict(obj.attrs.items())  # each attribute read once
-                if int(raw.get("complete", 0)) == 1:
-                    out.append({"value": float(obj[()]), **decode_attrs(raw)})
+                attrs = obj.attrs
+                if int(attrs.get("complete", 0)) != 1:
+                    return
+                if PACKED in attrs:  # written since session 21: two attributes read, not ~14
+                    out.append(json.loads(attrs[PACKED]))
+                    return
+                raw = dict(attrs.items())  # an older store: each attribute read once
+                out.append({"value": float(obj[()]), **decode_attrs(raw)})
         visit_items(self.h5["metrics"], visit)
         return out
 

@@ -1,6 +1,7 @@
 """Unit tests of store.Store: exact round trips, h5py's manners, self-description, locking, views."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -232,6 +233,29 @@ def test_streamed_activations_resume_and_xarray_view(path):
         assert da.dims == ("prompt", "token", "neuron")
         assert list(da.prompt.values) == ["p2", "p3", "p4"] and da.site == SITE
         np.testing.assert_array_equal(da.values, x[2:5])
+
+
+def test_metric_index_reads_the_packed_reading_as_the_attributes_give_it(path):
+    attrs = {"kind": "edit", "judge": "oracle", "suite": None, "extra": {"a": [1, 2]}, "flag": True,
+             "f32": np.float32(0.25), "count": np.int64(7)}
+    with Store.open(path) as st:
+        st.create_metric("M_ed/e", "road.efficacy:oracle", 0.1 + 0.2, ci=(0.0, 1 / 3), n=40, attrs=attrs)
+        st.create_metric("M", "quality.fd", float("nan"))  # NaN value and CI
+        st.create_metric("M", "loss", 2.5, step=10)
+    with Store.open(path, "r") as st:
+        packed = sorted(st.metric_entries(), key=lambda m: (m["variant"], m["name"]))
+        assert "_entry" not in st.read_metric("M", "loss", step=10)  # bookkeeping, not an attribute
+    with h5py.File(path, "a") as f:  # an older store: the attributes one by one, and the value
+        f.visit(lambda name: f[name].attrs.__delitem__("_entry") if "_entry" in f[name].attrs else None)
+    with Store.open(path, "r") as st:
+        old = sorted(st.metric_entries(), key=lambda m: (m["variant"], m["name"]))
+    assert len(packed) == len(old) == 3
+    for a, b in zip(packed, old):
+        assert a.keys() == b.keys()
+        for k in a:
+            same = (a[k] == b[k]) or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k]))
+            assert same, (k, a[k], b[k])
+    assert packed[2]["value"] == 0.1 + 0.2 and packed[2]["extra"] == {"a": [1, 2]}
 
 
 def test_images_labels_metrics_loss_arrays(path):
