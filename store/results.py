@@ -123,6 +123,10 @@ class ResultsMixin:
         return self._complete_children(_path("labels", variant, images))
 
     # -- metrics -----------------------------------------------------------------------------
+    #: the longest packed reading a metric keeps: a metric's attributes are a few hundred bytes
+    #: (at most 403 over the main job), and one given long lists would otherwise hold them twice
+    PACKED_MAX = 32_000
+
     def _metric_path(self, variant: str, name: str, step: int | None) -> str:
         suffix = "" if step is None else "@" + step_name(step)
         return _path("metrics", variant, name) + suffix
@@ -136,6 +140,8 @@ class ResultsMixin:
         packed = json.dumps({"value": float(np.float64(value)),
                              **{k: v.item() if isinstance(v, np.generic) else v for k, v in every.items()}},
                             sort_keys=True)
+        if len(packed) > self.PACKED_MAX:  # not kept twice: metric_entries reads these one by one
+            packed = None
         return self._put(self._metric_path(variant, name, step),
                          {None: np.float64(value)}, mode=mode, attrs=every, packed=packed)
 

@@ -256,6 +256,15 @@ def test_metric_index_reads_the_packed_reading_as_the_attributes_give_it(path):
             same = (a[k] == b[k]) or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k]))
             assert same, (k, a[k], b[k])
     assert packed[2]["value"] == 0.1 + 0.2 and packed[2]["extra"] == {"a": [1, 2]}
+    # long attributes are not kept twice: written unpacked, and read one by one
+    big = {f"list{i}": list(range(4000)) for i in range(3)}  # about 19 KB of JSON each
+    with Store.open(path) as st:
+        st.create_metric("M", "big", 1.0, attrs=big)
+    with h5py.File(path, "r") as f:
+        assert "_entry" not in f["/metrics/M/big"].attrs
+    with Store.open(path, "r") as st:
+        got = next(m for m in st.metric_entries() if m["name"] == "big")
+        assert got["value"] == 1.0 and got["list2"] == list(range(4000))
 
 
 def test_images_labels_metrics_loss_arrays(path):
