@@ -484,6 +484,25 @@ class FadeTest:
         return asdict(self)
 
 
+def _edit_fades(fade: Any, edit_neurons: Iterable[int], neurons: Sequence[int] | None,
+                alternative: str) -> tuple[np.ndarray, dict, list]:
+    """What both fade tests start from: the fade as a flat float64 array, {neuron coordinate:
+    row}, and the edit neurons as coordinates; `neurons` defaults to the DataArray's coordinates
+    or 0..n-1. Raises on an unknown alternative or an edit neuron that fade lacks."""
+    if alternative not in ("greater", "less", "two-sided"):
+        raise FadelabError(f"alternative={alternative!r}: accepted are 'greater', 'less', 'two-sided'")
+    if neurons is None and hasattr(fade, "coords") and "neuron" in getattr(fade, "coords", {}):
+        neurons = fade["neuron"].values
+    f = np.asarray(getattr(fade, "values", fade), dtype=np.float64).reshape(-1)
+    coords = np.arange(len(f)) if neurons is None else np.asarray(neurons)
+    where = {c: i for i, c in enumerate(coords.tolist())}
+    edit = [int(n) if isinstance(n, np.integer) else n for n in edit_neurons]
+    unknown = [n for n in edit if n not in where]
+    if unknown:
+        raise FadelabError(f"edit neurons {unknown[:5]} are not among the {len(f)} neurons of fade")
+    return f, where, edit
+
+
 def shared_fade_test(fade: Any, edit_neurons: Iterable[int], feature_neurons: Iterable[int],
                      neurons: Sequence[int] | None = None, *, alternative: str = "greater",
                      n_resamples: int = 9999, confidence: float = 0.95, ci_method: str = "BCa",
@@ -499,17 +518,7 @@ def shared_fade_test(fade: Any, edit_neurons: Iterable[int], feature_neurons: It
     bootstrap of each group independently (scipy.stats.bootstrap, BCa by default); Cohen's d
     with the pooled sd. With fewer than 2 neurons in a group, everything but the counts is NaN.
     """
-    if alternative not in ("greater", "less", "two-sided"):
-        raise FadelabError(f"alternative={alternative!r}: accepted are 'greater', 'less', 'two-sided'")
-    if neurons is None and hasattr(fade, "coords") and "neuron" in getattr(fade, "coords", {}):
-        neurons = fade["neuron"].values
-    f = np.asarray(getattr(fade, "values", fade), dtype=np.float64).reshape(-1)
-    coords = np.arange(len(f)) if neurons is None else np.asarray(neurons)
-    where = {c: i for i, c in enumerate(coords.tolist())}
-    edit = [int(n) if isinstance(n, (np.integer,)) else n for n in edit_neurons]
-    unknown = [n for n in edit if n not in where]
-    if unknown:
-        raise FadelabError(f"edit neurons {unknown[:5]} are not among the {len(f)} neurons of fade")
+    f, where, edit = _edit_fades(fade, edit_neurons, neurons, alternative)
     feature = set(np.asarray(list(feature_neurons)).tolist())
     shared = np.array([f[where[n]] for n in edit if n in feature])
     other = np.array([f[where[n]] for n in edit if n not in feature])
@@ -567,20 +576,10 @@ def graded_fade_test(fade: Any, edit_neurons: Iterable[int], ft_score: Any,
     above it (29 had none), so the split test had nothing to compare; the graded test uses every edit neuron.
     With fewer than 3 edit neurons where both values are finite, or no spread in either, rho and
     p are NaN."""
-    if alternative not in ("greater", "less", "two-sided"):
-        raise FadelabError(f"alternative={alternative!r}: accepted are 'greater', 'less', 'two-sided'")
-    if neurons is None and hasattr(fade, "coords") and "neuron" in getattr(fade, "coords", {}):
-        neurons = fade["neuron"].values
-    f = np.asarray(getattr(fade, "values", fade), dtype=np.float64).reshape(-1)
+    f, where, edit = _edit_fades(fade, edit_neurons, neurons, alternative)
     score = np.asarray(getattr(ft_score, "values", ft_score), dtype=np.float64).reshape(-1)
     if score.shape != f.shape:
         raise FadelabError(f"ft_score has {score.size} values and fade {f.size}; give one per neuron")
-    coords = np.arange(len(f)) if neurons is None else np.asarray(neurons)
-    where = {c: i for i, c in enumerate(coords.tolist())}
-    edit = [int(n) if isinstance(n, np.integer) else n for n in edit_neurons]
-    unknown = [n for n in edit if n not in where]
-    if unknown:
-        raise FadelabError(f"edit neurons {unknown[:5]} are not among the {len(f)} neurons of fade")
     rows = np.array([where[n] for n in edit], dtype=int)
     x, y = score[rows], f[rows]
     ok = np.isfinite(x) & np.isfinite(y)
