@@ -122,9 +122,9 @@ class WeightsMixin:
         the report's heatmap norms from 6.2 s to 1.5 s over a 50-cell grid's 5,711 deltas (2-core
         CPU, 2026-12-07)."""
         path = self.delta_path(variant, site, step)
-        if self.is_complete(path) and "fro" in (attrs := self.h5[path].attrs):
-            return float(attrs["fro"])
-        return fro_norm(self.read_delta(variant, site, step))  # raises if missing or half-written
+        if self.is_complete(path):
+            return self._stored_norm(self.h5[path].attrs, variant, site, step)
+        return fro_norm(self.read_delta(variant, site, step))  # raises: missing or half-written
 
     def delta_norms(self, variant: str, step: int | None = None) -> dict[str, float]:
         """{site: |dW|_F} of every complete delta of `variant` at `step`, as `delta_norm` gives
@@ -137,8 +137,12 @@ class WeightsMixin:
             attrs = obj.attrs
             if int(attrs.get("complete", 0)) != 1:
                 continue
-            out[site] = float(attrs["fro"]) if "fro" in attrs else fro_norm(self.read_delta(variant, site, step))
+            out[site] = self._stored_norm(attrs, variant, site, step)
         return dict(sorted(out.items()))
+
+    def _stored_norm(self, attrs, variant: str, site: str, step: int | None) -> float:
+        """The norm of a complete delta whose attributes are `attrs`: its `fro`, else computed."""
+        return float(attrs["fro"]) if "fro" in attrs else fro_norm(self.read_delta(variant, site, step))
 
     def delta_attrs(self, variant: str, site: str, step: int | None = None) -> dict:
         """The attributes stored with a delta (provenance: method, hparams, parent, ...)."""
