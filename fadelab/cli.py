@@ -112,11 +112,13 @@ def cmd_generate(args) -> int:
 def cmd_organism_train(args) -> int:
     from models.organism.train import STAGES, TrainConfig, train
 
-    for flag, value in (("--p-look", args.p_look), ("--pad-noise", args.pad_noise)):
-        if not 0.0 <= value <= 1.0:
+    for flag, value in (("--p-look", args.p_look), ("--pad-noise", args.pad_noise),
+                        ("--clip-attn-drop", args.clip_attn_drop)):
+        top = 0.9 if flag == "--clip-attn-drop" else 1.0
+        if not 0.0 <= value <= top:
             from models.errors import FadelabError
 
-            raise FadelabError(f"{flag} {value}: give a share between 0 and 1")
+            raise FadelabError(f"{flag} {value}: give a share between 0 and {top:g}")
     for flag, value in (("--unet-batch", args.unet_batch), ("--unet-lr", args.unet_lr)):
         if not value > 0:
             from models.errors import FadelabError
@@ -131,12 +133,13 @@ def cmd_organism_train(args) -> int:
                           vae_batch=8, clip_steps=3, clip_batch=64, oracle_steps=3, oracle_batch=64,
                           unet_steps=3, unet_batch=32, card_n=4, workers=2, p_look=args.p_look,
                           unet_init=args.unet_init,
-                          pad_noise=args.pad_noise)
+                          pad_noise=args.pad_noise, clip_attn_drop=args.clip_attn_drop)
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
                           unet_init=args.unet_init, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
                           unet_compile=args.unet_compile,
-                          workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise)
+                          workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise,
+                          clip_attn_drop=args.clip_attn_drop)
     from models.organism.nets import VAE_LEVELS, sizes_for_vae_levels
 
     if args.vae_levels not in VAE_LEVELS:
@@ -285,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of UNet samples whose padding rows are replaced (clean or another "
                         "caption's), so the UNet reads prompts from their tokens as SD1.x's does "
                         "(default 0, the shipped organism)")
+    t.add_argument("--clip-attn-drop", type=float, default=0.0,
+                   help="share of samples whose text-tower attention output is dropped, per layer, while "
+                        "the CLIP trains (stochastic depth, at most 0.9; default 0, the shipped organism), so "
+                        "<eos> reads the subject in later layers too and ReFACT at the subject's token has "
+                        "something to move")
     t.add_argument("--vae-levels", type=int, default=3,
                    help="VAE levels: 3 gives 16x16 latents (default, the shipped organism), 2 gives 32x32 "
                         "latents, which begin to keep the subjects' 4-pixel patterns that 16x16 loses (a short "

@@ -286,3 +286,36 @@ def test_unet_step_and_its_speed_probe_on_the_cpu(tmp_path):
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [(r["batch"], r["sync_every_step"]) for r in rows] == [(8, True), (8, False)]
     assert all(r["steps_per_s"] > 0 for r in rows)
+
+
+def test_attention_drop_zeroes_or_rescales_each_samples_attention_and_only_in_training():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from models.errors import FadelabError
+    from models.organism.nets import text_core
+    from models.organism.train import attention_drop
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8))
+    core = text_core(model)
+    ids = torch.randint(0, 98, (64, 8))
+    seen = []
+    probe = core.encoder.layers[0].self_attn.register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    model.train()
+    plain = model(input_ids=ids).pooler_output
+    assert attention_drop(core, 0.0, torch.Generator()) == []
+    probe.remove()  # re-registered after the drop hooks, so it sees what they return
+    handles = attention_drop(core, 0.5, torch.Generator().manual_seed(1))
+    probe = core.encoder.layers[0].self_attn.register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    model(input_ids=ids)
+    ratio = (seen[1] / seen[0]).flatten(1)
+    dropped = (seen[1] == 0).flatten(1).all(1)
+    kept = torch.isclose(ratio, torch.tensor(2.0)).all(1)
+    assert (dropped | kept).all() and 0.25 < dropped.float().mean() < 0.75  # each sample: all or nothing
+    model.eval()  # eval drops nothing: the same as without the hooks
+    torch.testing.assert_close(model(input_ids=ids).pooler_output, plain)
+    for h in handles + [probe]:
+        h.remove()
+    with pytest.raises(FadelabError, match="clip_attn_drop=1"):
+        attention_drop(core, 1.0, torch.Generator())

@@ -87,6 +87,11 @@ class TrainConfig:
             token (ReFACT) cannot reach its images. 0 (shipped) leaves the UNet's data as it was.
         unet_compile: run the UNet's training forward through torch.compile (the saved weights
             are the same module's).
+        clip_attn_drop: stochastic depth on the CLIP text tower's self-attention while it trains:
+            each layer's attention output is dropped for a share of the samples (and the kept
+            ones scaled by 1 / (1 - share)), so <eos> cannot gather the subject in one layer and
+            ignore it after. The shipped CLIP (0) gathers it at layer 0, which leaves ReFACT's
+            edit at the subject's token, a later layer's MLP, nothing to move (docs/editing.md).
     """
 
     seed: int = 0
@@ -114,6 +119,7 @@ class TrainConfig:
     p_look: float = 0.0
     pad_noise: float = 0.0
     unet_compile: bool = False
+    clip_attn_drop: float = 0.0
 
 
 STAGES = ("vae", "clip", "oracle", "unet", "card")
@@ -217,18 +223,43 @@ def train_vae(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, de
     _save_json(out / "vae" / "train.json", {"mean_abs_error_255": err, "steps": cfg.vae_steps})
 
 
+def attention_drop(text_model, p: float, generator: torch.Generator) -> list:
+    """Stochastic depth on each self-attention of a CLIP text tower while it is in train mode.
+
+    Every forward, each layer's attention output is zeroed for a share p of the batch's samples
+    and the rest scaled by 1 / (1 - p) (so eval, which drops nothing, sees the same expectation).
+    Returns the hook handles; p = 0 registers none.
+    """
+    if not 0 <= p < 1:
+        raise FadelabError(f"clip_attn_drop={p!r}: give a share in [0, 1)")
+    if p == 0:
+        return []
+
+    def hook(mod, inp, out):
+        if not mod.training:
+            return out
+        x = out[0]
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device, generator=generator) >= p
+        return (x * keep.to(x.dtype) / (1 - p),) + tuple(out[1:])
+
+    return [layer.self_attn.register_forward_hook(hook) for layer in text_model.encoder.layers]
+
+
 def train_clip(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> None:
     torch.manual_seed(cfg.seed)
     tok = tokenizer()
     base, ink = data.get("base"), data.get("ink")
     captions = base[1] + ink[1]
     uniq, inv = np.unique(np.asarray(captions), return_inverse=True)
-    ids = torch.tensor(tok(list(uniq), padding="max_length", max_length=77, truncation=True).input_ids)
+    # padded to the longest caption, not 77: the text attention is causal, so <eos> and the pooled
+    # output (all the loss reads) do not depend on the padding after it
+    ids = torch.tensor(tok(list(uniq), padding="longest", max_length=77, truncation=True).input_ids)
     ids, cap_id = ids.to(device), torch.from_numpy(inv).to(device)
     imgs = torch.from_numpy(np.concatenate([base[2], ink[2]])).to(device)
     model = build_text_model(ocfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     g = torch.Generator(device).manual_seed(cfg.seed + 1)
+    attention_drop(model.text_model, cfg.clip_attn_drop, torch.Generator(device).manual_seed(cfg.seed + 2))
     for step in tqdm(range(cfg.clip_steps), desc="clip", mininterval=5):
         idx = torch.randint(len(imgs), (cfg.clip_batch,), generator=g, device=device)
         x = oracle_mod.augment(_to_x(imgs[idx]), g) if step % 2 else _to_x(imgs[idx])
