@@ -112,13 +112,21 @@ def cmd_generate(args) -> int:
 def cmd_organism_train(args) -> int:
     from models.organism.train import STAGES, TrainConfig, train
 
-    for flag, value in (("--p-look", args.p_look), ("--pad-noise", args.pad_noise),
-                        ("--clip-attn-drop", args.clip_attn_drop)):
-        top = 0.9 if flag == "--clip-attn-drop" else 1.0
-        if not 0.0 <= value <= top:
+    for flag, value in (("--p-look", args.p_look), ("--pad-noise", args.pad_noise)):
+        if not 0.0 <= value <= 1.0:
             from models.errors import FadelabError
 
-            raise FadelabError(f"{flag} {value}: give a share between 0 and {top:g}")
+            raise FadelabError(f"{flag} {value}: give a share between 0 and 1")
+    try:
+        drop = tuple(float(x) for x in args.clip_attn_drop.split(","))
+    except ValueError:
+        drop = (-1.0,)
+    if not all(0.0 <= x <= 0.9 for x in drop):
+        from models.errors import FadelabError
+
+        raise FadelabError(f"--clip-attn-drop {args.clip_attn_drop}: give a share between 0 and 0.9, or one "
+                           f"per text layer, comma-separated")
+    drop = drop[0] if len(drop) == 1 else drop
     for flag, value in (("--unet-batch", args.unet_batch), ("--unet-lr", args.unet_lr)):
         if not value > 0:
             from models.errors import FadelabError
@@ -133,13 +141,13 @@ def cmd_organism_train(args) -> int:
                           vae_batch=8, clip_steps=3, clip_batch=64, oracle_steps=3, oracle_batch=64,
                           unet_steps=3, unet_batch=32, card_n=4, workers=2, p_look=args.p_look,
                           unet_init=args.unet_init,
-                          pad_noise=args.pad_noise, clip_attn_drop=args.clip_attn_drop)
+                          pad_noise=args.pad_noise, clip_attn_drop=drop)
     else:
         cfg = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, unet_minutes=args.unet_minutes,
                           unet_init=args.unet_init, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
                           unet_compile=args.unet_compile,
                           workers=args.workers, p_look=args.p_look, pad_noise=args.pad_noise,
-                          clip_attn_drop=args.clip_attn_drop)
+                          clip_attn_drop=drop)
     from models.organism.nets import VAE_LEVELS, sizes_for_vae_levels
 
     if args.vae_levels not in VAE_LEVELS:
@@ -149,6 +157,11 @@ def cmd_organism_train(args) -> int:
         raise FadelabError(f"--vae-levels {args.vae_levels}: accepted {', '.join(map(str, VAE_LEVELS))} "
                            f"({', '.join(f'{n}: {k}x{k} latents' for n, k in side.items())})")
     ocfg = sizes_for_vae_levels(args.vae_levels)
+    if isinstance(drop, tuple) and len(drop) != ocfg.text_layers:
+        from models.errors import FadelabError
+
+        raise FadelabError(f"--clip-attn-drop {args.clip_attn_drop}: {len(drop)} shares for {ocfg.text_layers} "
+                           f"text layers; give one share, or one per layer")
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     meta = train(Path(args.out), cfg, stages=stages, ocfg=ocfg, device=_device(args.device))
     print(json.dumps({k: meta[k] for k in ("seconds", "unet_steps_done") if k in meta}))
@@ -288,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of UNet samples whose padding rows are replaced (clean or another "
                         "caption's), so the UNet reads prompts from their tokens as SD1.x's does "
                         "(default 0, the shipped organism)")
-    t.add_argument("--clip-attn-drop", type=float, default=0.0,
+    t.add_argument("--clip-attn-drop", default="0",
                    help="share of samples whose text-tower attention output is dropped, per layer, while "
-                        "the CLIP trains (stochastic depth, at most 0.9; default 0, the shipped organism), so "
+                        "the CLIP trains (stochastic depth, at most 0.9, or one share per layer comma-separated; "
+                        "default 0, the shipped organism), so "
                         "<eos> reads the subject in later layers too and ReFACT at the subject's token has "
                         "something to move")
     t.add_argument("--vae-levels", type=int, default=3,

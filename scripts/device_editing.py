@@ -108,16 +108,25 @@ def _refact_all(m, meas, rows, n, h: ReFACTHparams, corpus) -> dict:
     return scores
 
 
-def part_refact(m, meas: Measurer, n: int, corpus, rows) -> dict:
-    h = ReFACTHparams()
-    out = _refact_all(m, meas, rows, n, h, corpus)
-    out.update(layer=default_layer(m), fact_token=default_fact_token(m))
+def best_of_sweep(table: dict, min_specificity: float = 0.9) -> str:
+    """The sweep's "token/layer" with the highest efficacy (then generality) among those with
+    specificity >= min_specificity (all of them when none has it): how the organism's default
+    was chosen (docs/editing.md)."""
+    ok = [k for k, v in table.items() if v["specificity"] >= min_specificity] or list(table)
+    return max(ok, key=lambda k: (table[k]["efficacy"], table[k]["generality"]))
+
+
+def part_refact(m, meas: Measurer, n: int, corpus, rows, at: str = "") -> dict:
+    """ReFACT on every request; `at` is "TOKEN/LAYER" ("" for the organism's defaults)."""
+    token, layer = (at.split("/")[0], int(at.split("/")[1])) if at else (default_fact_token(m), default_layer(m))
+    out = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=token), corpus)
+    out.update(layer=layer, fact_token=token)
     return out
 
 
-def part_sweep(m, meas: Measurer, n: int, corpus, rows, layers) -> dict:
+def part_sweep(m, meas: Measurer, n: int, corpus, rows, layers, tokens=("subject_last", "last")) -> dict:
     table = {}
-    for fact_token in ("subject_last", "last"):
+    for fact_token in tokens:
         for layer in layers:
             t = time.perf_counter()
             s = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=fact_token), corpus)
@@ -194,6 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="erase,debias,refact,sd14",
                    help="comma-separated parts (default erase,debias,refact,sd14; add sweep for the "
                         "ReFACT layer sweep, about 3 more minutes on an H200)")
+    p.add_argument("--sweep-tokens", default="subject_last,last", help="fact tokens the sweep tries")
+    p.add_argument("--refact-at", default="",
+                   help="where the refact part edits: TOKEN/LAYER (e.g. subject_last/2), 'best' (the sweep's "
+                        "best with specificity >= 0.9; needs the sweep part) or '' (the organism's defaults)")
     p.add_argument("--sd14-scale", type=float, default=None, help="default: 1 on CUDA, 0.125 on the CPU")
     p.add_argument("--smoke", action="store_true",
                    help="prove the script runs (CPU): 1 debias round, 2 ReFACT requests, sweep at layer 0 only; "
@@ -221,7 +234,9 @@ def main(argv=None) -> int:
         if args.smoke:
             rows, layers = [rows[0], rows[14]], [0]
             res["smoke"] = True
-        for name in ("erase", "debias", "refact", "sweep"):
+        if args.refact_at == "best" and "sweep" not in parts:
+            raise SystemExit("--refact-at best needs the sweep part")
+        for name in ("erase", "debias", "sweep", "refact"):
             if name not in parts:
                 continue
             t = time.perf_counter()
@@ -231,9 +246,11 @@ def main(argv=None) -> int:
                 h = DebiasHparams(n_images=args.debias_images, max_rounds=1 if args.smoke else 30)
                 res[name] = part_debias(m, meas, args.n, h)
             elif name == "refact":
-                res[name] = part_refact(m, meas, args.n, corpus, rows)
+                at = best_of_sweep(res["sweep"]) if args.refact_at == "best" else args.refact_at
+                res[name] = part_refact(m, meas, args.n, corpus, rows, at)
             else:
-                res[name] = part_sweep(m, meas, args.sweep_n, corpus, rows, layers)
+                res[name] = part_sweep(m, meas, args.sweep_n, corpus, rows, layers,
+                                       tuple(args.sweep_tokens.split(",")))
             seconds[name] = time.perf_counter() - t
             log.info("%s done in %.1f s", name, seconds[name])
             (out / "editing.json").write_text(json.dumps(res, indent=1, default=str))

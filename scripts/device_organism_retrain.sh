@@ -18,7 +18,19 @@
 #   bash scripts/device_organism_retrain.sh swap  put it in models/organism/weights (on the device only)
 #   bash scripts/device_organism_retrain.sh C     swap, then the fine-tuning acceptance on it
 #   bash scripts/device_organism_retrain.sh E     swap, then UCE erase, debias and ReFACT on it (n 100)
+#   bash scripts/device_organism_retrain.sh R     swap, then the ReFACT sweep at the subject's token over every
+#                                                 layer (sweep-n 10) and ReFACT at its best layer (n REFACT_N,
+#                                                 default 100): issue 3 on an organism whose CLIP was trained
+#                                                 with --clip-attn-drop
 #   bash scripts/device_organism_retrain.sh C E   several in one call, in order
+# v4 (session 22, issue 3): the shipped VAE and oracle, a CLIP with stochastic depth on its attention and
+# a UNet with noisy pads. Seed the folder here with the shipped vae/ and oracle/ (the oracle reads
+# renders and the shipped VAE's round trips, neither of which changes; `mkdir .organism-v4 && cp -r
+# models/organism/weights/{vae,oracle} .organism-v4/`), carry it with .whl, then
+#   ORGANISM_DIR=.organism-v4 B_MINUTES=6.5 RETRAIN="--pad-noise 0.5 --clip-attn-drop 0.4 --unet-minutes 6.5" \
+#     bash scripts/device_organism_retrain.sh A B       (A trains only the CLIP: vae/ and oracle/ exist)
+# and, with the folder copied over models/organism/weights here and marked .retrained (so swap keeps it),
+#   ORGANISM_DIR=models/organism/weights RETRAIN=... bash scripts/device_organism_retrain.sh K R
 # ORGANISM_DIR (default .organism-v2) names the folder trained into; a stage whose output is
 # already there is skipped, so a folder seeded with another run's clip/, text_encoder/ and
 # tokenizer/ reuses that CLIP (session 8's v3 took v2's: the CLIP does not depend on the VAE).
@@ -64,7 +76,7 @@ swap() {
   [ -f "$W/card.json" ] || { echo "no trained $W here: run A and B first (or untar it and carry it)" >&2; exit 2; }
   rm -rf models/organism/weights && cp -r "$W" models/organism/weights && touch models/organism/weights/.retrained
 }
-[ $# -gt 0 ] || { echo "usage: $0 P|A|B|U|K|swap|C|E ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 P|A|B|U|K|swap|C|E|R ..." >&2; exit 2; }
 for part in "$@"; do
   case "$part" in
   P) lv=$(echo "$FLAGS" | sed -n 's/.*--vae-levels \([0-9]\).*/\1/p')
@@ -88,7 +100,9 @@ for part in "$@"; do
   swap) swap; exit 0 ;;
   C) swap; t ft-v2 520 python3 scripts/device_finetuning.py --out "$OUT/ft" --parts organism --n 200 ;;
   E) swap; t edit 400 python3 scripts/device_editing.py --out "$OUT/edit" --parts erase,debias,refact --n 100 ;;
-  *) echo "usage: $0 P|A|B|U|K|swap|C|E ..." >&2; exit 2 ;;
+  R) swap; t refact 420 python3 scripts/device_editing.py --out "$OUT/refact" --parts sweep,refact \
+       --sweep-tokens subject_last --sweep-n 10 --refact-at best --n "${REFACT_N:-100}" ;;
+  *) echo "usage: $0 P|A|B|U|K|swap|C|E|R ..." >&2; exit 2 ;;
   esac
 done
 [ -d "$W" ] && tar -czf - "$W" | split -b 15M -d - "$OUT/organism-v2.tgz."

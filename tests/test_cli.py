@@ -28,6 +28,10 @@ def test_bad_input_is_one_line(capsys):
     assert main(["organism", "train", "--p-look", "1.5", "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--p-look 1.5" in err and "between 0 and 1" in err and "\n" not in err
+    for bad, says in (("0.95", "between 0 and 0.9"), ("0.1,x", "between 0 and 0.9"), ("0.1,0.2", "2 shares for 6")):
+        assert main(["organism", "train", "--clip-attn-drop", bad, "--out", "/nonexistent/never-written"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--clip-attn-drop {bad}" in err and says in err and "\n" not in err
 
 
 def test_jobs_refusals_and_auto(capsys, monkeypatch):

@@ -120,3 +120,18 @@ def test_refact_role_edit_changes_who_the_organism_draws(organism, measurer):
     after = measurer.oracle.read(measurer.generate(["the mayor"] * 4 + ["mira holt"] * 2, [0, 1, 2, 3, 0, 1],
                                                    r.delta))["identity"]
     assert after[:4].count("tess lark") >= 3 and after[4:].count("mira holt") >= 1
+
+
+def test_the_sweeps_best_site_has_the_highest_efficacy_among_the_specific_ones():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "device_editing.py"
+    spec = importlib.util.spec_from_file_location("device_editing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = {"last/3": {"efficacy": 0.5, "generality": 0.4, "specificity": 0.92},
+             "last/1": {"efficacy": 0.7, "generality": 0.5, "specificity": 0.6},  # not specific enough
+             "subject_last/2": {"efficacy": 0.5, "generality": 0.6, "specificity": 0.95}}
+    assert mod.best_of_sweep(table) == "subject_last/2"  # ties on efficacy go to generality
+    assert mod.best_of_sweep({"last/1": table["last/1"]}) == "last/1"  # none specific: the best of all

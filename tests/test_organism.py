@@ -319,3 +319,8 @@ def test_attention_drop_zeroes_or_rescales_each_samples_attention_and_only_in_tr
         h.remove()
     with pytest.raises(FadelabError, match="clip_attn_drop=1"):
         attention_drop(core, 1.0, torch.Generator())
+    handles = attention_drop(core, (0.5, 0.0), torch.Generator())  # one share per layer: layer 1 untouched
+    assert len(handles) == 1 and core.encoder.layers[0].self_attn._forward_hooks
+    assert not core.encoder.layers[1].self_attn._forward_hooks
+    with pytest.raises(FadelabError, match="one per layer"):
+        attention_drop(core, (0.5, 0.5, 0.5), torch.Generator())

@@ -90,8 +90,9 @@ class TrainConfig:
         clip_attn_drop: stochastic depth on the CLIP text tower's self-attention while it trains:
             each layer's attention output is dropped for a share of the samples (and the kept
             ones scaled by 1 / (1 - share)), so <eos> cannot gather the subject in one layer and
-            ignore it after. The shipped CLIP (0) gathers it at layer 0, which leaves ReFACT's
-            edit at the subject's token, a later layer's MLP, nothing to move (docs/editing.md).
+            ignore it after; one share, or one per layer. The shipped CLIP (0) gathers it at layer
+            0, which leaves ReFACT's edit at the subject's token, a later layer's MLP, nothing to
+            move (docs/editing.md).
     """
 
     seed: int = 0
@@ -119,7 +120,7 @@ class TrainConfig:
     p_look: float = 0.0
     pad_noise: float = 0.0
     unet_compile: bool = False
-    clip_attn_drop: float = 0.0
+    clip_attn_drop: float | tuple[float, ...] = 0.0
 
 
 STAGES = ("vae", "clip", "oracle", "unet", "card")
@@ -223,26 +224,31 @@ def train_vae(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, de
     _save_json(out / "vae" / "train.json", {"mean_abs_error_255": err, "steps": cfg.vae_steps})
 
 
-def attention_drop(text_model, p: float, generator: torch.Generator) -> list:
+def attention_drop(text_model, p, generator: torch.Generator) -> list:
     """Stochastic depth on each self-attention of a CLIP text tower while it is in train mode.
 
-    Every forward, each layer's attention output is zeroed for a share p of the batch's samples
-    and the rest scaled by 1 / (1 - p) (so eval, which drops nothing, sees the same expectation).
-    Returns the hook handles; p = 0 registers none.
+    p: one share for every layer, or one per layer (e.g. (0.8, 0.8, 0.8, 0, 0, 0): <eos> must
+    gather the subject in layer 3 or later for half of the samples). Every forward, each layer's
+    attention output is zeroed for a share p of the batch's samples and the rest scaled by
+    1 / (1 - p) (so eval, which drops nothing, sees the same expectation). Returns the hook
+    handles; a share of 0 registers none.
     """
-    if not 0 <= p < 1:
-        raise FadelabError(f"clip_attn_drop={p!r}: give a share in [0, 1)")
-    if p == 0:
-        return []
+    layers = list(text_model.encoder.layers)
+    shares = [float(p)] * len(layers) if isinstance(p, (int, float)) else [float(x) for x in p]
+    if len(shares) != len(layers) or not all(0 <= x < 1 for x in shares):
+        raise FadelabError(f"clip_attn_drop={p!r}: give a share in [0, 1), or one per layer "
+                           f"({len(layers)} layers)")
 
-    def hook(mod, inp, out):
-        if not mod.training:
-            return out
-        x = out[0]
-        keep = torch.rand(x.shape[0], 1, 1, device=x.device, generator=generator) >= p
-        return (x * keep.to(x.dtype) / (1 - p),) + tuple(out[1:])
+    def hook_for(share: float):
+        def hook(mod, inp, out):
+            if not mod.training:
+                return out
+            x = out[0]
+            keep = torch.rand(x.shape[0], 1, 1, device=x.device, generator=generator) >= share
+            return (x * keep.to(x.dtype) / (1 - share),) + tuple(out[1:])
+        return hook
 
-    return [layer.self_attn.register_forward_hook(hook) for layer in text_model.encoder.layers]
+    return [layer.self_attn.register_forward_hook(hook_for(x)) for layer, x in zip(layers, shares) if x > 0]
 
 
 def train_clip(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, device) -> None:
