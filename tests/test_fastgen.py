@@ -130,7 +130,7 @@ def test_compiled_generation_follows_deltas_in_place():
     fast = FastGenerator(fast_model, FastGenConfig(**cfg, compile="full", compile_vae=True))
     site = "unet.xattn.3.to_v"
     w = fast_model.weight(site)
-    delta = WeightDelta({site: 3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.float().std()})
+    delta = WeightDelta({site: 3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * float(w.float().std())})
     prompts, seeds = PROMPTS[:3], SEEDS[:3]  # 3 < batch 4: the padded path
     for d in (None, delta, None):
         a = eager.generate(prompts, seeds, delta=d, progress=False).astype(int)

@@ -300,7 +300,7 @@ def train_oracle(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig,
     from diffusers import AutoencoderKL
 
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL.from_pretrained(out / "vae").to(device, torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).eval()
     sb, _, ib = data.get("oracle_base")
     si, _, ii = data.get("oracle_ink")
     scenes = sb + si
@@ -405,7 +405,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
     from transformers import CLIPTextModel
 
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL.from_pretrained(out / "vae").to(device, torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).eval()
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").to(device, torch.float32).eval()
     tok = tokenizer()
     scenes, captions, images = data.get("base")
@@ -478,7 +478,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float16),
         text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float16),
         tokenizer=tok,
-        unet=unet.to("cpu", torch.float16), scheduler=sampler, safety_checker=None,
+        unet=torch.nn.Module.to(unet, "cpu", torch.float16), scheduler=sampler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     # shards under 16 MB (a device call brings back files of at most 16 MiB) but above the text
     # encoder's 15.06 MB, so its file from the clip stage is rewritten in place, not duplicated
