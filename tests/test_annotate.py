@@ -325,7 +325,9 @@ def test_annotate_and_agreement_commands(store_path, capsys):
         assert _post(url + "label", {"name": "ben", "item": 0, "label": "safe"})[0] == 200
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the command closes the store and exits
-        assert proc.wait(timeout=30) == 130
+        # the exit code is what is tested, not how fast: on CI's 2 cores under another job's load
+        # (2026-12-08) the exit took longer than 30 s once; alone it takes about 1 s
+        assert proc.wait(timeout=120) == 130
     assert main(["agreement", str(store_path), "--n-boot", "50"]) == 0
     out = capsys.readouterr().out
     assert "people: ann, ben" in out and "Fleiss' kappa" in out
