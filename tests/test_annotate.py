@@ -326,7 +326,7 @@ def test_annotate_and_agreement_commands(store_path, capsys):
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the command closes the store and exits
         # the exit code is what is tested, not how fast: on CI's 2 cores under another job's load
-        # (2026-12-08) the exit took longer than 30 s once; alone it takes about 1 s
+        # (2026-12-08) the exit took longer than 30 s once; alone the whole test takes about 5 s
         assert proc.wait(timeout=120) == 130
     assert main(["agreement", str(store_path), "--n-boot", "50"]) == 0
     out = capsys.readouterr().out
