@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.build import cast
 from models.errors import FadelabError
 
 from .hparams import DreamBoothHParams, FullHParams, LoraHParams, TrainHParams
@@ -77,10 +78,7 @@ def working_copy(module: nn.Module, dtype: torch.dtype | None = torch.float32) -
     out = copy.deepcopy(module)
     tensors = [*out.parameters(), *out.buffers()]
     if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors):
-        # torch's own cast: diffusers' ModelMixin.to warns at every dtype cast that modules
-        # "should be kept in float32" even when it names none ([]), once in each of the GPU
-        # main job's processes
-        out = nn.Module.to(out, dtype)
+        out = cast(out, dtype)
     out.requires_grad_(False)
     return out
 

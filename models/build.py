@@ -6,6 +6,7 @@ Offers
     clip_tokenizer(pad_token)              the real CLIP BPE shipped in models/organism/weights/tokenizer
     t5_standin_tokenizer()                 a T5-class tokenizer over a stand-in vocabulary (see its doc)
     tokenizer(kind)                        one of the above by the kind names in models.configs.Arch
+    cast(module, dtype, device)            torch's own Module.to, without diffusers' float32 warning
 
 Randomness: a seed, applied inside `torch.random.fork_rng`, so the caller's global RNG state is
 untouched and the same (seed, device) always gives the same weights. Each library's own
@@ -28,6 +29,16 @@ from models.configs import Component
 from models.errors import FadelabError
 
 log = logging.getLogger(__name__)
+
+
+def cast(module: nn.Module, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """`module` moved and cast with torch's own nn.Module.to, in place; returns it.
+
+    diffusers' ModelMixin.to warns at every dtype cast that modules "should be kept in float32",
+    even when it names none ([]): on the GPU main job once in each process, from random-weight
+    builds, the fine-tunes' working copies and the organism trainer.
+    """
+    return nn.Module.to(module, device=device, dtype=dtype)
 
 TOKENIZER_DIR = Path(__file__).parent / "organism" / "weights" / "tokenizer"
 

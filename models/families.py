@@ -136,9 +136,7 @@ def _build_random(components: dict[str, Component], dtype: torch.dtype, device: 
     for (name, component), sub_seed in zip(components.items(), seeds):
         obj = build.instantiate(component, seed=sub_seed, device=device)
         if isinstance(obj, nn.Module) and dtype != torch.float32:  # built in fp32
-            # torch's own cast, as finetuning.methods.working_copy: diffusers' ModelMixin.to warns
-            # at every dtype cast that modules "should be kept in float32", naming none
-            obj = nn.Module.to(obj, dtype=dtype)
+            obj = build.cast(obj, dtype)
         parts[name] = obj
     return parts
 

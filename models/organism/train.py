@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..build import cast
 from ..errors import FadelabError
 from . import oracle as oracle_mod
 from . import render, world
@@ -478,7 +479,7 @@ def train_unet(out: Path, data: _Data, cfg: TrainConfig, ocfg: OrganismConfig, d
         vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float16),
         text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float16),
         tokenizer=tok,
-        unet=torch.nn.Module.to(unet, "cpu", torch.float16), scheduler=sampler, safety_checker=None,
+        unet=cast(unet, torch.float16, "cpu"), scheduler=sampler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     # shards under 16 MB (a device call brings back files of at most 16 MiB) but above the text
     # encoder's 15.06 MB, so its file from the clip stage is rewritten in place, not duplicated
