@@ -836,12 +836,11 @@ def _neuron_probes(ctx, st, cell, d_ed, keys, ft, suites, ft_table) -> None:
     feature = (pn.selective_neurons(poly, "ft", by=cfg.get("neuron_feature_by", "z"))
                if "ft" in poly["concept"].values else np.array([], int))
     shift = pn.activation_shift(a_ed[:ne], a_ft, ref=a_m)
-    test = pn.shared_fade_test(shift["fade"], edit_idx, feature,
-                               n_resamples=int(cfg.get("neuron_resamples", 999)), seed=ctx.exp.seed)
+    n_resamples = int(cfg.get("neuron_resamples", 999))
+    test = pn.shared_fade_test(shift["fade"], edit_idx, feature, n_resamples=n_resamples, seed=ctx.exp.seed)
     z_ft = (poly["z"].sel(concept="ft").values if "ft" in poly["concept"].values
             else np.full(poly.sizes["neuron"], np.nan))
-    graded = pn.graded_fade_test(shift["fade"], edit_idx, z_ft,
-                                 n_resamples=int(cfg.get("neuron_resamples", 999)), seed=ctx.exp.seed)
+    graded = pn.graded_fade_test(shift["fade"], edit_idx, z_ft, n_resamples=n_resamples, seed=ctx.exp.seed)
     n_units = a_ed.shape[1]
     weight = np.zeros(n_units)
     weight[np.asarray(edit_idx, int)] = edit_w
