@@ -116,9 +116,17 @@ def best_of_sweep(table: dict, min_specificity: float = 0.9) -> str:
     return max(ok, key=lambda k: (table[k]["efficacy"], table[k]["generality"]))
 
 
+def site_of(at: str) -> tuple[str, int]:
+    """("TOKEN", LAYER) from "TOKEN/LAYER", as the sweep's keys name them."""
+    token, _, layer = at.partition("/")
+    if not token or not layer.isdigit():
+        raise SystemExit(f"--refact-at {at!r}: give TOKEN/LAYER (e.g. subject_last/2), 'best' or ''")
+    return token, int(layer)
+
+
 def part_refact(m, meas: Measurer, n: int, corpus, rows, at: str = "") -> dict:
     """ReFACT on every request; `at` is "TOKEN/LAYER" ("" for the organism's defaults)."""
-    token, layer = (at.split("/")[0], int(at.split("/")[1])) if at else (default_fact_token(m), default_layer(m))
+    token, layer = site_of(at) if at else (default_fact_token(m), default_layer(m))
     out = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=token), corpus)
     out.update(layer=layer, fact_token=token)
     return out
@@ -219,6 +227,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
+    if args.refact_at == "best" and "sweep" not in parts:
+        raise SystemExit("--refact-at best needs the sweep part")
+    if args.refact_at not in ("", "best"):
+        site_of(args.refact_at)  # a bad value ends the run here, not after the model load and the sweep
     t0 = time.perf_counter()
     res: dict = {"device": args.device, "n": args.n, "sweep_n": args.sweep_n, "parts": sorted(parts),
                  "measured": time.strftime("%Y-%m-%d %H:%M")}
@@ -234,8 +246,6 @@ def main(argv=None) -> int:
         if args.smoke:
             rows, layers = [rows[0], rows[14]], [0]
             res["smoke"] = True
-        if args.refact_at == "best" and "sweep" not in parts:
-            raise SystemExit("--refact-at best needs the sweep part")
         for name in ("erase", "debias", "sweep", "refact"):
             if name not in parts:
                 continue

@@ -135,3 +135,7 @@ def test_the_sweeps_best_site_has_the_highest_efficacy_among_the_specific_ones()
              "subject_last/2": {"efficacy": 0.5, "generality": 0.6, "specificity": 0.95}}
     assert mod.best_of_sweep(table) == "subject_last/2"  # ties on efficacy go to generality
     assert mod.best_of_sweep({"last/1": table["last/1"]}) == "last/1"  # none specific: the best of all
+    assert mod.site_of("subject_last/2") == ("subject_last", 2)
+    for bad in ("subject_last", "last/x", "/3"):
+        with pytest.raises(SystemExit, match="TOKEN/LAYER"):
+            mod.site_of(bad)
