@@ -110,8 +110,7 @@ def main(argv=None) -> int:
             cfg = TrainConfig(n_base=a.n_base, n_ink=a.n_ink, clip_steps=a.steps, clip_batch=a.batch,
                               clip_attn_drop=v, workers=8 if dev.type == "cuda" else 2)
             if data is None:
-                data = _Data(cfg)  # the scenes do not depend on the drop share
-            data.cfg = cfg
+                data = _Data(cfg)  # the scenes do not depend on the drop share: rendered once
             folder = _folder(root, "drop" + ("-".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"))
             train_clip(folder, data, cfg, OrganismConfig(), dev)
             train_s = time.perf_counter() - t
