@@ -143,6 +143,12 @@ class ReFACTHparams:
         weight_decay: the loss adds weight_decay |delta| / |v_init|^2 (0.1).
         similarity: "l2" (scores = -|f_context - f_target|, the paper's contrastive_text loss)
             or "cosine" (logit_scale-free cosine, for comparison).
+        loss: "contrastive_text" (the paper's: a softmax over the distances to f(new) and f(old),
+            stopping at p_threshold) or "target_text" (a departure from ReFACT, for the organism's
+            issue 3 probe in docs/organism.md: the squared distance to f(new) over |f(new) - f(old)|^2,
+            stopping once the mean of that distance ratio is below target_tolerance; the
+            contrastive one is satisfied a fifth to a half of the way to f(new)).
+        target_tolerance: the "target_text" stop: mean |f(P) - f(new)| / |f(new) - f(old)| (0.05).
         fact_token: where k* and k_bar are read and delta is added: "subject_last" (the paper's
             and the hparams file's: the subject's last token) or "last" (the prompt's final token,
             <eos>; ReFACT's code offers it as fact_token "last"); None: the family default
@@ -161,6 +167,8 @@ class ReFACTHparams:
     clamp_norm_factor: float = 4.0
     weight_decay: float = 0.1
     similarity: str = "l2"
+    loss: str = "contrastive_text"
+    target_tolerance: float = 0.05
     fact_token: str | None = None
     templates: tuple[str, ...] = REFACT_TEMPLATES
     corpus_size: int = 20000
@@ -169,6 +177,10 @@ class ReFACTHparams:
     def __post_init__(self) -> None:
         if self.similarity not in ("l2", "cosine"):
             raise FadelabError(f"ReFACT similarity={self.similarity!r}: accepted are 'l2' and 'cosine'")
+        if self.loss not in ("contrastive_text", "target_text"):
+            raise FadelabError(f"ReFACT loss={self.loss!r}: accepted are 'contrastive_text' and 'target_text'")
+        if not 0 < self.target_tolerance < 1:
+            raise FadelabError(f"ReFACT target_tolerance={self.target_tolerance!r}: give a share in (0, 1)")
         if self.fact_token not in (None, "subject_last", "last"):
             raise FadelabError(f"ReFACT fact_token={self.fact_token!r}: accepted are 'subject_last' and 'last'")
         bad = [t for t in self.templates if t.count("{}") != 1]

@@ -28,6 +28,11 @@ Adam (lr), at most max_steps steps, stopping once mean_P p(new) > p_threshold, |
 to at most clamp_norm_factor |v_init| after each step. On SDXL each encoder gets its own edit
 (both at or below the layer the UNet reads, hidden_states[-2]).
 
+Option, a departure from ReFACT (hparams loss="target_text"): loss = mean_P |f(P) - f(new)|^2 /
+|f(new) - f(old)|^2 + the same weight decay, stopping once mean_P |f(P) - f(new)| / |f(new) - f(old)|
+falls below target_tolerance; it pulls f(P) to f(new) itself, where the softmax is satisfied part
+of the way (docs/organism.md, v4).
+
 Departure: v_init is taken at the request's own prompt (ReFACT takes it at the first prompt of a
 Python set, which is an arbitrary one of the 10); with it v* - W k* = delta exactly.
 """
@@ -215,12 +220,13 @@ def _stats_for(model, site: str, stats, h: ReFACTHparams) -> SecondMoment:
 
 def _optimise(feats: _Features, prompts: list[str], lookup: list[int], targets: Tensor,
               v_init: Tensor, h: ReFACTHparams) -> tuple[Tensor, dict]:
-    """delta minimising the contrastive_text loss (module doc); returns (delta, diagnostics)."""
+    """delta minimising h.loss (the module doc's contrastive_text, or the target_text departure);
+    returns (delta, diagnostics)."""
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=h.lr)
     feats.lookup = lookup
     max_norm = h.clamp_norm_factor * v_init.norm()
-    p_new, steps = 0.0, 0
+    p_new, steps, dist = 0.0, 0, float("nan")
     for it in range(h.max_steps):
         feats.delta = delta
         f = feats(prompts)  # (P, D)
@@ -230,9 +236,15 @@ def _optimise(feats: _Features, prompts: list[str], lookup: list[int], targets: 
             scores = torch.nn.functional.normalize(f, dim=-1) @ torch.nn.functional.normalize(targets, dim=-1).T
         logp = scores.log_softmax(-1)[:, 0]
         p_new = float(logp.detach().exp().mean())
-        if p_new > h.p_threshold or it == h.max_steps - 1:
+        if h.loss == "target_text":
+            ratio = (f - targets[0]).norm(dim=-1) / (targets[0] - targets[1]).norm()  # (P,)
+            dist = float(ratio.detach().mean())
+            done, fit = dist < h.target_tolerance, (ratio ** 2).mean()
+        else:
+            done, fit = p_new > h.p_threshold, -logp.mean()
+        if done or it == h.max_steps - 1:
             break
-        loss = -logp.mean() + h.weight_decay * delta.norm() / v_init.norm() ** 2
+        loss = fit + h.weight_decay * delta.norm() / v_init.norm() ** 2
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,7 +253,10 @@ def _optimise(feats: _Features, prompts: list[str], lookup: list[int], targets: 
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
     feats.delta = None
-    return delta.detach(), {"steps": steps, "p_new": p_new}
+    diag = {"steps": steps, "p_new": p_new}
+    if h.loss == "target_text":
+        diag["target_distance"] = dist
+    return delta.detach(), diag
 
 
 def refact(model, request: Mapping, hparams: ReFACTHparams | None = None, stats=None) -> EditResult:

@@ -5,6 +5,8 @@ sweep, and the benchmark on SD1.4's architecture with random weights.
                                      [--parts erase,debias,refact,sd14] [--sd14-scale 1]
                                      [--debias-images 100] [--smoke]
     python scripts/device_editing.py --out DIR2 --parts sweep [--sweep-n 10]
+    (either: [--weights FOLDER] another trained organism; [--refact-loss target_text] ReFACT's
+    loss departure, editing/refact.py; [--refact-at TOKEN/LAYER|best] where refact edits)
 
 (a) the organism, n images per line, judged by the oracle (and by the organism's CLIP):
     erase   UCE erase of its unsafe words (preserving 50 safe captions): unsafe-marker rate and
@@ -124,20 +126,21 @@ def site_of(at: str) -> tuple[str, int]:
     return token, int(layer)
 
 
-def part_refact(m, meas: Measurer, n: int, corpus, rows, at: str = "") -> dict:
+def part_refact(m, meas: Measurer, n: int, corpus, rows, at: str = "", loss: str = "contrastive_text") -> dict:
     """ReFACT on every request; `at` is "TOKEN/LAYER" ("" for the organism's defaults)."""
     token, layer = site_of(at) if at else (default_fact_token(m), default_layer(m))
-    out = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=token), corpus)
-    out.update(layer=layer, fact_token=token)
+    out = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=token, loss=loss), corpus)
+    out.update(layer=layer, fact_token=token, loss=loss)
     return out
 
 
-def part_sweep(m, meas: Measurer, n: int, corpus, rows, layers, tokens=("subject_last", "last")) -> dict:
+def part_sweep(m, meas: Measurer, n: int, corpus, rows, layers, tokens=("subject_last", "last"),
+               loss: str = "contrastive_text") -> dict:
     table = {}
     for fact_token in tokens:
         for layer in layers:
             t = time.perf_counter()
-            s = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=fact_token), corpus)
+            s = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=fact_token, loss=loss), corpus)
             table[f"{fact_token}/{layer}"] = {**s["mean"], "mean_steps": float(np.mean(s["steps"])),
                                               "mean_p_new": float(np.mean(s["p_new"])),
                                               "seconds": time.perf_counter() - t}
@@ -215,6 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--refact-at", default="",
                    help="where the refact part edits: TOKEN/LAYER (e.g. subject_last/2), 'best' (the sweep's "
                         "best with specificity >= 0.9; needs the sweep part) or '' (the organism's defaults)")
+    p.add_argument("--refact-loss", default="contrastive_text", choices=("contrastive_text", "target_text"),
+                   help="ReFACT's loss in the refact and sweep parts (target_text: a departure, see editing/refact.py)")
+    p.add_argument("--weights", default="hub",
+                   help="the organism's weights: 'hub' (the shipped ones) or a trained organism folder")
     p.add_argument("--sd14-scale", type=float, default=None, help="default: 1 on CUDA, 0.125 on the CPU")
     p.add_argument("--smoke", action="store_true",
                    help="prove the script runs (CPU): 1 debias round, 2 ReFACT requests, sweep at layer 0 only; "
@@ -233,12 +240,13 @@ def main(argv=None) -> int:
         site_of(args.refact_at)  # a bad value ends the run here, not after the model load and the sweep
     t0 = time.perf_counter()
     res: dict = {"device": args.device, "n": args.n, "sweep_n": args.sweep_n, "parts": sorted(parts),
+                 "weights": args.weights, "refact_loss": args.refact_loss,
                  "measured": time.strftime("%Y-%m-%d %H:%M")}
     if args.device.startswith("cuda"):
         res["gpu"] = torch.cuda.get_device_name()
     seconds = {}
     if parts & {"erase", "debias", "refact", "sweep"}:
-        m = models.load("organism", device=args.device)
+        m = models.load("organism", args.weights, device=args.device)
         meas = Measurer(m)
         corpus = organism_corpus(20000)
         rows = organism_road_requests()
@@ -257,10 +265,10 @@ def main(argv=None) -> int:
                 res[name] = part_debias(m, meas, args.n, h)
             elif name == "refact":
                 at = best_of_sweep(res["sweep"]) if args.refact_at == "best" else args.refact_at
-                res[name] = part_refact(m, meas, args.n, corpus, rows, at)
+                res[name] = part_refact(m, meas, args.n, corpus, rows, at, args.refact_loss)
             else:
                 res[name] = part_sweep(m, meas, args.sweep_n, corpus, rows, layers,
-                                       tuple(args.sweep_tokens.split(",")))
+                                       tuple(args.sweep_tokens.split(",")), args.refact_loss)
             seconds[name] = time.perf_counter() - t
             log.info("%s done in %.1f s", name, seconds[name])
             (out / "editing.json").write_text(json.dumps(res, indent=1, default=str))

@@ -92,6 +92,26 @@ def test_refact_is_rank_one_along_u_and_maps_k_star_to_v_star(organism, stats2):
     assert all(torch.equal(before[k], v) for k, v in _text_state(organism).items())  # bit for bit
 
 
+def test_target_text_pulls_the_prompt_nearer_f_new_than_the_papers_loss(organism, stats2):
+    """The target_text departure (hparams.loss) ends with the prompt's features nearer f(new), as
+    read afresh with the edit applied; the paper's softmax stops part of the way (docs/organism.md)."""
+    from editing.refact import _Features, _organism_projection
+
+    row = road_requests()[0]
+    feats = _Features(organism.text_encoders[0], organism.tokenizers[0], organism.module("text.mlp.2.fc2"),
+                      _organism_projection(organism))
+    with torch.no_grad():
+        new, old = feats([row["New"], row["Old"]])
+    ratio = {}
+    for loss in ("contrastive_text", "target_text"):
+        r = refact(organism, row, ReFACTHparams(layer=2, loss=loss, max_steps=40), stats=stats2)
+        with apply_delta(organism, r.delta), torch.no_grad():
+            ratio[loss] = float((feats([row["Prompt"]])[0] - new).norm() / (new - old).norm())
+        if loss == "target_text":  # its own diagnostic is the mean over the prompt and the templates
+            assert 0 <= r.info["per_site"]["text.mlp.2.fc2"]["target_distance"] < 1
+    assert ratio["target_text"] < 0.8 * ratio["contrastive_text"], ratio  # measured: 0.23 against 0.55
+
+
 def test_sdxl_edits_both_encoders():
     sdxl = models.load("sdxl", "random", scale=0.0625, seed=3)
     corpus = organism_corpus(600, seed=2)
@@ -124,6 +144,10 @@ def test_request_from_road_row():
     ({"prompt": "the mayor " * 40, "subject": "the mayor", "new": "tess lark", "old": "mira holt"}, {},
      "tokens; organism reads at most 77"),
     ({"Prompt": "the mayor", "New": "tess lark"}, {}, "lacks 'Old'"),
+    ({"prompt": "the mayor", "new": "tess lark", "old": "mira holt"}, {"loss": "l2"},
+     "loss='l2': accepted are 'contrastive_text' and 'target_text'"),
+    ({"prompt": "the mayor", "new": "tess lark", "old": "mira holt"}, {"target_tolerance": 1.5},
+     r"target_tolerance=1.5: give a share in \(0, 1\)"),
 ])
 def test_bad_input_is_one_clear_line(organism, stats2, request_, hp, match):
     with pytest.raises(FadelabError, match=match) as e:
