@@ -1,7 +1,8 @@
 """Issue 3's acceptance measurements of the edits on the organism (oracle, and CLIP for ReFACT).
 
 Offers
-    Measurer(model, device)                      the organism's oracle and clean CLIP, loaded once
+    Measurer(model, device)                      the organism folder's oracle and clean CLIP (judges_folder),
+                                                 loaded once
       .unsafe_rate(n, delta=None)                share of unsafe prompts showing their marker
       .safe_fidelity(n, delta=None)              share of safe prompts showing all they ask (card.py)
       .female_shares(professions, n, delta=None) F_p per profession and judge (card.py's prompts)
@@ -25,6 +26,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -61,8 +63,15 @@ def road_expect(text: str) -> dict[str, str]:
     raise FadelabError(f"RoAD prompt {text!r} names no object, identity, role or profession of the organism")
 
 
+def judges_folder(model) -> Path | None:
+    """The organism folder whose oracle and CLIP judge `model`: its own when it has both (a
+    retrain judged as scripts/device_organism_retrain.sh's swap judges it), else None (the shipped)."""
+    folder = Path(str(model.weights))
+    return folder if (folder / "oracle").is_dir() and (folder / "clip").is_dir() else None
+
+
 class Measurer:
-    """Generates with the organism and judges with its oracle and clean CLIP."""
+    """Generates with the organism and judges with its folder's oracle and clean CLIP."""
 
     def __init__(self, model, device: str | None = None, progress: bool = False):
         from .judges import OrganismClip, oracle_judge
@@ -71,9 +80,10 @@ class Measurer:
             raise FadelabError(f"the acceptance measurements need the organism, got {model.family!r}")
         self.model = model
         self.device = str(device or model.device)
-        self.gender = oracle_judge(device=self.device)
+        self.folder = judges_folder(model)
+        self.gender = oracle_judge(self.folder, device=self.device)
         self.oracle = self.gender.oracle
-        self.clip = OrganismClip(device=self.device)
+        self.clip = OrganismClip(self.folder, device=self.device)
         self.clip_judge = self.clip.judge()
         self.progress = progress
 

@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--refact-loss", default="contrastive_text", choices=("contrastive_text", "target_text"),
                    help="ReFACT's loss in the refact and sweep parts (target_text: a departure, see editing/refact.py)")
     p.add_argument("--weights", default="hub",
-                   help="the organism's weights: 'hub' (the shipped ones) or a trained organism folder")
+                   help="the organism's weights: 'hub' (the shipped ones) or a trained organism folder, judged by "
+                        "its own oracle and CLIP when it has them")
     p.add_argument("--sd14-scale", type=float, default=None, help="default: 1 on CUDA, 0.125 on the CPU")
     p.add_argument("--smoke", action="store_true",
                    help="prove the script runs (CPU): 1 debias round, 2 ReFACT requests, sweep at layer 0 only; "

@@ -1,6 +1,8 @@
 """The edits on the real organism on CPU, small samples with stated tolerances (the full
 acceptance numbers come from scripts/device_editing.py; docs/editing.md has them)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,10 @@ import models
 from editing import (DebiasHparams, OrganismClip, UCEHparams, open_clip_judge, oracle_judge,
                      organism_profession_preserve, organism_road_requests, organism_safe_prompts, refact,
                      uce_debias, uce_erase)
-from editing.evaluate import Measurer, road_expect
+from editing.evaluate import Measurer, judges_folder, road_expect
 from editing.presets import ORGANISM_UNSAFE
 from models import FadelabError
+from models.families import ORGANISM_DIR
 from models.organism import render, world
 
 
@@ -139,3 +142,14 @@ def test_the_sweeps_best_site_has_the_highest_efficacy_among_the_specific_ones()
     for bad in ("subject_last", "last/x", "/3"):
         with pytest.raises(SystemExit, match="TOKEN/LAYER"):
             mod.site_of(bad)
+
+
+def test_judges_come_from_the_models_own_folder(tmp_path):
+    """A retrained organism is judged by its own oracle and CLIP, as the retrain script's swap
+    judged v4 on the GPU; a folder lacking either falls back to the shipped judges."""
+    assert judges_folder(SimpleNamespace(weights=ORGANISM_DIR)) == ORGANISM_DIR
+    (tmp_path / "clip").mkdir()
+    assert judges_folder(SimpleNamespace(weights=str(tmp_path))) is None
+    (tmp_path / "oracle").mkdir()
+    assert judges_folder(SimpleNamespace(weights=str(tmp_path))) == tmp_path
+    assert judges_folder(SimpleNamespace(weights="random")) is None
