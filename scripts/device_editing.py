@@ -6,7 +6,8 @@ sweep, and the benchmark on SD1.4's architecture with random weights.
                                      [--debias-images 100] [--smoke]
     python scripts/device_editing.py --out DIR2 --parts sweep [--sweep-n 10]
     (either: [--weights FOLDER] another trained organism; [--refact-loss target_text] ReFACT's
-    loss departure, editing/refact.py; [--refact-at TOKEN/LAYER|best] where refact edits)
+    loss departure, editing/refact.py, with [--refact-tolerance 0.05] its stop; [--refact-at
+    TOKEN/LAYER|best] where refact edits)
 
 (a) the organism, n images per line, judged by the oracle (and by the organism's CLIP):
     erase   UCE erase of its unsafe words (preserving 50 safe captions): unsafe-marker rate and
@@ -47,6 +48,7 @@ from editing.bench import sd14_edit_timings  # noqa: E402
 from editing.evaluate import Measurer, bias_delta  # noqa: E402
 from editing.presets import ORGANISM_UNSAFE  # noqa: E402
 from editing.refact import default_fact_token, default_layer  # noqa: E402
+from models.errors import FadelabError  # noqa: E402
 from models.organism import world  # noqa: E402
 
 log = logging.getLogger("device_editing")
@@ -126,21 +128,22 @@ def site_of(at: str) -> tuple[str, int]:
     return token, int(layer)
 
 
-def part_refact(m, meas: Measurer, n: int, corpus, rows, at: str = "", loss: str = "contrastive_text") -> dict:
-    """ReFACT on every request; `at` is "TOKEN/LAYER" ("" for the organism's defaults)."""
+def part_refact(m, meas: Measurer, n: int, corpus, rows, at: str = "", extra: dict | None = None) -> dict:
+    """ReFACT on every request; `at` is "TOKEN/LAYER" ("" for the organism's defaults); `extra`
+    holds other ReFACTHparams fields (loss, target_tolerance)."""
     token, layer = site_of(at) if at else (default_fact_token(m), default_layer(m))
-    out = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=token, loss=loss), corpus)
-    out.update(layer=layer, fact_token=token, loss=loss)
+    out = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=token, **(extra or {})), corpus)
+    out.update(layer=layer, fact_token=token, **(extra or {}))
     return out
 
 
 def part_sweep(m, meas: Measurer, n: int, corpus, rows, layers, tokens=("subject_last", "last"),
-               loss: str = "contrastive_text") -> dict:
+               extra: dict | None = None) -> dict:
     table = {}
     for fact_token in tokens:
         for layer in layers:
             t = time.perf_counter()
-            s = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=fact_token, loss=loss), corpus)
+            s = _refact_all(m, meas, rows, n, ReFACTHparams(layer=layer, fact_token=fact_token, **(extra or {})), corpus)
             table[f"{fact_token}/{layer}"] = {**s["mean"], "mean_steps": float(np.mean(s["steps"])),
                                               "mean_p_new": float(np.mean(s["p_new"])),
                                               "seconds": time.perf_counter() - t}
@@ -220,6 +223,8 @@ def main(argv=None) -> int:
                         "best with specificity >= 0.9; needs the sweep part) or '' (the organism's defaults)")
     p.add_argument("--refact-loss", default="contrastive_text", choices=("contrastive_text", "target_text"),
                    help="ReFACT's loss in the refact and sweep parts (target_text: a departure, see editing/refact.py)")
+    p.add_argument("--refact-tolerance", type=float, default=None,
+                   help="target_text's stop, mean |f(P) - f(new)| / |f(new) - f(old)| (default 0.05)")
     p.add_argument("--weights", default="hub",
                    help="the organism's weights: 'hub' (the shipped ones) or a trained organism folder, judged by "
                         "its own oracle and CLIP when it has them")
@@ -232,16 +237,25 @@ def main(argv=None) -> int:
                         "0.5 / sqrt(n), must stay near the 0.05 tolerance; DebiasHparams' default is 50)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
     if args.refact_at == "best" and "sweep" not in parts:
         raise SystemExit("--refact-at best needs the sweep part")
     if args.refact_at not in ("", "best"):
         site_of(args.refact_at)  # a bad value ends the run here, not after the model load and the sweep
+    extra = {"loss": args.refact_loss}
+    if args.refact_tolerance is not None:
+        if args.refact_loss != "target_text":
+            raise SystemExit("--refact-tolerance is target_text's stop; give --refact-loss target_text too")
+        extra["target_tolerance"] = args.refact_tolerance
+    try:
+        ReFACTHparams(**extra)  # a bad tolerance ends the run here, not after the model load
+    except FadelabError as e:
+        raise SystemExit(str(e)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res: dict = {"device": args.device, "n": args.n, "sweep_n": args.sweep_n, "parts": sorted(parts),
-                 "weights": args.weights, "refact_loss": args.refact_loss,
+                 "weights": args.weights, "refact_loss": args.refact_loss, "refact_tolerance": args.refact_tolerance,
                  "measured": time.strftime("%Y-%m-%d %H:%M")}
     if args.device.startswith("cuda"):
         res["gpu"] = torch.cuda.get_device_name()
@@ -266,10 +280,10 @@ def main(argv=None) -> int:
                 res[name] = part_debias(m, meas, args.n, h)
             elif name == "refact":
                 at = best_of_sweep(res["sweep"]) if args.refact_at == "best" else args.refact_at
-                res[name] = part_refact(m, meas, args.n, corpus, rows, at, args.refact_loss)
+                res[name] = part_refact(m, meas, args.n, corpus, rows, at, extra)
             else:
                 res[name] = part_sweep(m, meas, args.sweep_n, corpus, rows, layers,
-                                       tuple(args.sweep_tokens.split(",")), args.refact_loss)
+                                       tuple(args.sweep_tokens.split(",")), extra)
             seconds[name] = time.perf_counter() - t
             log.info("%s done in %.1f s", name, seconds[name])
             (out / "editing.json").write_text(json.dumps(res, indent=1, default=str))

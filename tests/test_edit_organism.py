@@ -125,7 +125,7 @@ def test_refact_role_edit_changes_who_the_organism_draws(organism, measurer):
     assert after[:4].count("tess lark") >= 3 and after[4:].count("mira holt") >= 1
 
 
-def test_the_sweeps_best_site_has_the_highest_efficacy_among_the_specific_ones():
+def test_the_sweeps_best_site_has_the_highest_efficacy_among_the_specific_ones(tmp_path):
     import importlib.util
     from pathlib import Path
 
@@ -142,6 +142,13 @@ def test_the_sweeps_best_site_has_the_highest_efficacy_among_the_specific_ones()
     for bad in ("subject_last", "last/x", "/3"):
         with pytest.raises(SystemExit, match="TOKEN/LAYER"):
             mod.site_of(bad)
+    out = tmp_path / "never"  # each bad flag ends the run before the output folder is made
+    for argv, match in ((["--refact-tolerance", "0.2"], "give --refact-loss target_text too"),
+                        (["--refact-loss", "target_text", "--refact-tolerance", "2"],
+                         r"target_tolerance=2.0: give a share in \(0, 1\)")):
+        with pytest.raises(SystemExit, match=match):
+            mod.main(["--out", str(out), *argv])
+        assert not out.exists()
 
 
 def test_judges_come_from_the_models_own_folder(tmp_path):
