@@ -26,12 +26,12 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from models.delta import apply_delta
 from models.errors import FadelabError
+from models.organism.nets import judges_folder
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,6 @@ def road_expect(text: str) -> dict[str, str]:
     raise FadelabError(f"RoAD prompt {text!r} names no object, identity, role or profession of the organism")
 
 
-def judges_folder(model) -> Path | None:
-    """The organism folder whose oracle and CLIP judge `model`: its own when it has both (a
-    retrain judged as scripts/device_organism_retrain.sh's swap judges it), else None (the shipped)."""
-    folder = Path(str(model.weights))
-    return folder if (folder / "oracle").is_dir() and (folder / "clip").is_dir() else None
-
-
 class Measurer:
     """Generates with the organism and judges with its folder's oracle and clean CLIP."""
 
@@ -80,7 +73,7 @@ class Measurer:
             raise FadelabError(f"the acceptance measurements need the organism, got {model.family!r}")
         self.model = model
         self.device = str(device or model.device)
-        self.folder = judges_folder(model)
+        self.folder = judges_folder(model.weights)
         self.gender = oracle_judge(self.folder, device=self.device)
         self.oracle = self.gender.oracle
         self.clip = OrganismClip(self.folder, device=self.device)

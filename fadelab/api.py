@@ -87,11 +87,10 @@ def erase(model, concepts: Sequence[str] | None = None, *, guide: str = "",
                              preserve=list(preserve or ()))
 
 
-def oracle_flags(device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """The organism oracle as a debias judge: images -> female flags (1.0, 0.0, NaN)."""
-    from probes.behaviour import OracleJudge
-
-    oracle = OracleJudge(device=device)
+def oracle_flags(device: str = "cpu", weights="hub") -> Callable[[np.ndarray], np.ndarray]:
+    """The organism oracle as a debias judge: images -> female flags (1.0, 0.0, NaN). weights:
+    the model's (Model.weights): a retrained folder with its own oracle is judged by it."""
+    oracle = _oracle(device, weights)
 
     def judge(images: np.ndarray) -> np.ndarray:
         return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan)
@@ -115,7 +114,7 @@ def debias(model, professions: Sequence[str], *, judge: Callable | str = "oracle
     if fields:
         h = dataclasses.replace(h, **fields)
     if judge == "oracle":
-        judge = oracle_flags(str(model.device))
+        judge = oracle_flags(str(model.device), model.weights)
     if preserve is None:
         preserve = editing.organism_profession_preserve(list(professions)) if model.family == "organism" else ()
     return editing.uce_debias(model, list(professions), judge, h, preserve=list(preserve),
@@ -315,15 +314,20 @@ def suites(*kinds: str, n: int = 8, professions: Sequence[str] | None = None, se
     return organism_suites(sizes, road_rows=road_rows, kinds=list(kinds or ("unsafe",)), seed=seed)
 
 
-_JUDGES: dict[str, Any] = {}
+_JUDGES: dict[tuple, Any] = {}
 
 
-def _oracle(device: str):
-    if device not in _JUDGES:
+def _oracle(device: str, weights="hub"):
+    """The organism's oracle judge for a model loaded from `weights` (its folder's own oracle
+    when it has one: models.organism.nets.oracle_dir), one per device and folder."""
+    from models.organism.nets import oracle_dir
+
+    key = (device, oracle_dir(weights))
+    if key not in _JUDGES:
         from probes.behaviour import OracleJudge
 
-        _JUDGES[device] = OracleJudge(device=device)
-    return _JUDGES[device]
+        _JUDGES[key] = OracleJudge(key[1], device=device)
+    return _JUDGES[key]
 
 
 def evaluate(model, variants: Mapping[str, Any], suite_list, *, store=None, judges=None,
@@ -346,7 +350,7 @@ def evaluate(model, variants: Mapping[str, Any], suite_list, *, store=None, judg
             return evaluate(model, variants, suite_list, store=st, judges=judges, pairs=pairs,
                             n_boot=n_boot, steps=steps, style=style, seed=seed, progress=progress)
     deltas = {v: edit_of(d)[0] for v, d in variants.items()}
-    judges = list(judges) if judges is not None else [_oracle(str(model.device))]
+    judges = list(judges) if judges is not None else [_oracle(str(model.device), model.weights)]
     cfg = EvalConfig(sizes=SampleSizes(), generation=GenerationConfig(steps=steps), n_boot=n_boot,
                      seed=seed, drift_n=0, progress=progress)
     res = _evaluate(model, deltas, suite_list, judges, store, cfg, pairs=pairs, drift={})
@@ -363,7 +367,7 @@ def _style(model, res, deltas, suite_list, store, cfg, judges, pairs) -> None:
     from probes.behaviour.generate import variant_images
 
     n_boot, seed = cfg.n_boot, cfg.seed
-    oracle = next((j for j in judges if j.name == "oracle"), None) or _oracle(str(model.device))
+    oracle = next((j for j in judges if j.name == "oracle"), None) or _oracle(str(model.device), model.weights)
     flags = {}
     for v in deltas:
         images = np.concatenate([variant_images(model, {v: deltas[v]}, s, store, cfg.generation,

@@ -114,9 +114,10 @@ def _judge_flags(ctx, name: str | None = None):
     "clip-vit-l-14", "clip-organism") or the first of them that answers the gender task."""
     def make():
         if _organism(ctx):
+            from models.organism.nets import oracle_dir
             from probes.behaviour.judges import OracleJudge
 
-            oracle = OracleJudge(device=ctx.device)
+            oracle = OracleJudge(oracle_dir(ctx.exp.weights), device=ctx.device)
 
             def judge(images: np.ndarray) -> np.ndarray:
                 genders = oracle.read(images)["gender"]
@@ -247,13 +248,17 @@ JUDGES = ("oracle", "clip-organism", "open-clip", "nudenet", "safety-checker")
 
 
 def make_judges(ctx) -> list:
-    """The run's judges: oracle and the organism's CLIP on the organism; on real families the
-    names in [judges] use (default open-clip), built from the [judges] table's settings."""
+    """The run's judges: oracle and the organism's CLIP on the organism (a retrained folder's own
+    when [experiment] weights names one that has both: models.organism.nets.judges_folder); on
+    real families the names in [judges] use (default open-clip), built from the [judges] table's
+    settings."""
     def make():
+        from models.organism.nets import judges_folder, oracle_dir
         from probes.behaviour import judges as J
 
         if _organism(ctx):
-            return [J.OracleJudge(device=ctx.device), J.OrganismClipJudge(device=ctx.device)]
+            return [J.OracleJudge(oracle_dir(ctx.exp.weights), device=ctx.device),
+                    J.OrganismClipJudge(judges_folder(ctx.exp.weights), device=ctx.device)]
         cfg = ctx.exp.judges
         out = []
         for name in cfg.get("use", ["open-clip"]):

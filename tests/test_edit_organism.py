@@ -11,11 +11,12 @@ import models
 from editing import (DebiasHparams, OrganismClip, UCEHparams, open_clip_judge, oracle_judge,
                      organism_profession_preserve, organism_road_requests, organism_safe_prompts, refact,
                      uce_debias, uce_erase)
-from editing.evaluate import Measurer, judges_folder, road_expect
+from editing.evaluate import Measurer, road_expect
 from editing.presets import ORGANISM_UNSAFE
 from models import FadelabError
 from models.families import ORGANISM_DIR
 from models.organism import render, world
+from models.organism.nets import judges_folder
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +155,65 @@ def test_the_sweeps_best_site_has_the_highest_efficacy_among_the_specific_ones(t
 def test_judges_come_from_the_models_own_folder(tmp_path):
     """A retrained organism is judged by its own oracle and CLIP, as the retrain script's swap
     judged v4 on the GPU; a folder lacking either falls back to the shipped judges."""
-    assert judges_folder(SimpleNamespace(weights=ORGANISM_DIR)) == ORGANISM_DIR
+    assert judges_folder(ORGANISM_DIR) == ORGANISM_DIR
+    assert judges_folder(str(ORGANISM_DIR)) == ORGANISM_DIR
     (tmp_path / "clip").mkdir()
-    assert judges_folder(SimpleNamespace(weights=str(tmp_path))) is None
+    assert judges_folder(str(tmp_path)) is None
     (tmp_path / "oracle").mkdir()
-    assert judges_folder(SimpleNamespace(weights=str(tmp_path))) == tmp_path
-    assert judges_folder(SimpleNamespace(weights="random")) is None
+    assert judges_folder(str(tmp_path)) == tmp_path
+    for spec in ("random", "hub", "default", None, "random(scale=1, seed=0)"):
+        assert judges_folder(spec) is None
+
+
+def _retrain_with_own_judges(folder):
+    """An organism folder whose oracle and CLIP differ from the shipped ones in one tensor each
+    (the rest linked to the shipped folder); returns (folder, oracle tensor, CLIP tensor)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    marks = {}
+    for part in ORGANISM_DIR.iterdir():
+        if part.name in ("oracle", "clip"):
+            shutil.copytree(part, folder / part.name)
+            tensors = load_file(folder / part.name / "model.safetensors")
+            key = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dim() == 2)[0]
+            tensors[key] = tensors[key] + 0.5
+            save_file(tensors, folder / part.name / "model.safetensors")
+            marks[part.name] = (key, tensors[key])
+        else:
+            (folder / part.name).symlink_to(part)
+    return marks
+
+
+def _has(module, key, value) -> bool:
+    return any(name.endswith(key) and torch.equal(p.detach().cpu().float(), value.float())
+               for name, p in module.state_dict().items())
+
+
+def test_every_caller_judges_a_retrain_with_its_own_oracle_and_clip(tmp_path):
+    """The grid's judges, the notebook API's oracle and `fadelab edit|evaluate`'s judges read a
+    retrained folder's own oracle and CLIP (models.organism.nets.judges_folder); the shipped
+    organism's stay the shipped ones."""
+    from fadelab import api
+    from fadelab.cells import Context
+    from fadelab.commands.edit import _judge
+    from fadelab.commands.evaluate import _judges
+    from fadelab.plan import make_judges
+
+    own = tmp_path / "retrain"
+    own.mkdir()
+    marks = _retrain_with_own_judges(own)
+    (okey, oval), (ckey, cval) = marks["oracle"], marks["clip"]
+
+    for weights, mine in ((str(own), True), ("default", False)):
+        ctx = Context(exp=SimpleNamespace(family="organism", weights=weights), out=tmp_path)
+        oracle, clip = make_judges(ctx)
+        assert _has(oracle.oracle.net, okey, oval) is mine
+        assert _has(clip.model, ckey, cval) is mine
+        args = SimpleNamespace(weights=None if weights == "default" else weights)
+        oracle, clip = _judges(["oracle", "clip-organism"], args, True, "cpu")
+        assert _has(oracle.oracle.net, okey, oval) is mine
+        assert _has(clip.model, ckey, cval) is mine
+        assert _has(api._oracle("cpu", weights).oracle.net, okey, oval) is mine
+        assert _has(_judge("oracle", "cpu", args.weights).oracle.net, okey, oval) is mine

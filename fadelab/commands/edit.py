@@ -104,14 +104,17 @@ def cmd_uce(args) -> int:
     return _finish(args, result)
 
 
-def _judge(spec: str, device: str):
+def _judge(spec: str, device: str, weights=None):
+    """--judge's judge; the organism's from `weights` (--weights) when that folder has its own
+    oracle and CLIP (models.organism.nets.judges_folder), else the shipped ones."""
     from editing import OrganismClip, open_clip_judge, oracle_judge
     from models.errors import FadelabError
+    from models.organism.nets import judges_folder
 
     if spec == "oracle":
-        return oracle_judge(device=device)
+        return oracle_judge(judges_folder(weights), device=device)
     if spec == "clip":
-        return OrganismClip(device=device).judge()
+        return OrganismClip(judges_folder(weights), device=device).judge()
     if spec.startswith("open_clip:"):
         _, path, *arch = spec.split(":", 2)
         return open_clip_judge(path, arch[0] if arch else "ViT-B-32", device=device)
@@ -126,7 +129,7 @@ def cmd_debias(args) -> int:
 
     h = load_hparams(DebiasHparams, args.hparams)
     check_concepts(args.family, args.professions, "profession")
-    judge = _judge(args.judge, _device(args.device))
+    judge = _judge(args.judge, _device(args.device), args.weights)
     model = _model(args)
     result = uce_debias(model, args.professions, judge, h, preserve=_lines(args.preserve, args.preserve_file),
                         progress=not args.json)

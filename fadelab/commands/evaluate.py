@@ -49,16 +49,19 @@ def _variant_deltas(st, names):
 
 def _judges(names, args, organism: bool, device: str):
     from models.errors import FadelabError
+    from models.organism.nets import judges_folder, oracle_dir
     from probes.behaviour import judges as J
+
+    own = args.weights if organism else None  # a retrained organism folder's own oracle and CLIP
 
     out = []
     for name in names:
         if name == "oracle":
             if not organism:
                 raise FadelabError("--judges oracle: the oracle only reads the organism's images")
-            out.append(J.OracleJudge(device=device))
+            out.append(J.OracleJudge(oracle_dir(own), device=device))
         elif name == "clip-organism":
-            out.append(J.OrganismClipJudge(device=device))
+            out.append(J.OrganismClipJudge(judges_folder(own), device=device))
         elif name == "open-clip":
             out.append(J.OpenClipJudge(args.open_clip_model, args.open_clip_weights, device=device,
                                        option="--open-clip-weights"))

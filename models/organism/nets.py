@@ -31,6 +31,22 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 TOKENIZER_DIR = WEIGHTS_DIR / "tokenizer"
 
 
+def judges_folder(weights) -> Path | None:
+    """The organism folder whose oracle and CLIP judge a model loaded from `weights` (a Model's
+    `.weights`, or the spec given to models.load: "hub", "random", a folder): that folder when it
+    holds both an oracle/ and a clip/ (a retrain is judged by its own, as
+    scripts/device_organism_retrain.sh's swap judges it), else None, which every judge reads as
+    the shipped ones."""
+    folder = Path(str(weights))
+    return folder if (folder / "oracle").is_dir() and (folder / "clip").is_dir() else None
+
+
+def oracle_dir(weights) -> Path | None:
+    """The oracle/ folder of judges_folder(weights), or None (the shipped oracle)."""
+    folder = judges_folder(weights)
+    return None if folder is None else folder / "oracle"
+
+
 @dataclass(frozen=True)
 class OrganismConfig:
     """Sizes of the organism's networks.
