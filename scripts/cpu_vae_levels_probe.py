@@ -79,13 +79,17 @@ def main() -> None:
     p.add_argument("--n", type=int, default=6000, help="base renders (and n/5 ink renders)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--levels", default="3,2", help=f"comma-separated, of {sorted(VAE_LEVELS)}")
+    p.add_argument("--latent-channels", type=int, default=4, help="latent channels of the VAEs trained here")
     p.add_argument("references", nargs="*", type=Path)
     args = p.parse_args()
     accepted = {str(k): k for k in VAE_LEVELS}
     if bad := [x for x in args.levels.split(",") if x not in accepted]:
         p.error(f"--levels {args.levels}: {bad} unknown; accepted {sorted(VAE_LEVELS)}")
     levels = [accepted[x] for x in args.levels.split(",")]
+    if not 1 <= args.latent_channels <= 64:
+        p.error(f"--latent-channels {args.latent_channels}: accepted 1 to 64")
     steps, batch, n, out, references = args.steps, args.batch, args.n, args.out, args.references
+    lc = args.latent_channels
     torch.set_num_threads(2)
     cfg = TrainConfig(n_base=n, n_ink=max(1, n // 5), vae_steps=steps, vae_batch=batch, workers=2, p_look=0.5)
     data = _Data(cfg)
@@ -93,11 +97,12 @@ def main() -> None:
     res: dict = {"steps": steps, "batch": cfg.vae_batch, "n_base": cfg.n_base, "n_ink": cfg.n_ink,
                  "p_look": cfg.p_look, "trained_here": {}, "vaes": {}}
     for level in levels if steps else ():
-        ocfg = sizes_for_vae_levels(level)
-        folder = out.parent / f"{out.name}-vae{level}"
+        ocfg = sizes_for_vae_levels(level, lc)
+        folder = out.parent / (f"{out.name}-vae{level}" + ("" if lc == 4 else f"c{lc}"))
         t = time.time()
         train_vae(folder, data, cfg, ocfg, torch.device("cpu"))
-        name = f"{level} levels, {ocfg.latent_size}x{ocfg.latent_size} latents, {steps} CPU steps of {batch}"
+        name = (f"{level} levels, {ocfg.latent_size}x{ocfg.latent_size}x{lc} latents, "
+                f"{steps} CPU steps of {batch}")
         res["trained_here"][name] = {"seconds": round(time.time() - t, 1), "folder": str(folder)}
         vaes[name] = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
         print(name, res["trained_here"][name], flush=True)

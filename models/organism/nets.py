@@ -91,8 +91,11 @@ class OrganismConfig:
 VAE_LEVELS = {3: (32, 64, 64), 2: (32, 64)}
 
 
-def sizes_for_vae_levels(levels: int) -> OrganismConfig:
-    """The organism's sizes with a `levels`-level VAE (a key of VAE_LEVELS).
+def sizes_for_vae_levels(levels: int, latent_channels: int = 4) -> OrganismConfig:
+    """The organism's sizes with a `levels`-level VAE (a key of VAE_LEVELS) and `latent_channels`
+    latent channels (4 is the shipped organism's; more keep more of a 64 px render at the same
+    latent size, as SD3's and FLUX's 16 do, while the UNet changes only in its first and last
+    convolutions).
 
     The UNet keeps its cross-attention on 16x16 and 8x8 latents and gains, in front, one plain
     level of 32 channels for each halving the VAE gives up. On the CPU (batch 32, forward and
@@ -102,7 +105,8 @@ def sizes_for_vae_levels(levels: int) -> OrganismConfig:
     """
     shipped = OrganismConfig()
     extra = len(shipped.vae_channels) - levels
-    return OrganismConfig(vae_channels=VAE_LEVELS[levels], unet_channels=(32,) * extra + shipped.unet_channels)
+    return OrganismConfig(vae_channels=VAE_LEVELS[levels], latent_channels=latent_channels,
+                          unet_channels=(32,) * extra + shipped.unet_channels)
 
 
 def text_core(text_encoder):
