@@ -117,12 +117,16 @@ def style_run(model, oracle, style, hp, n: int, gen: dict, adapter_dir) -> dict:
             "style_share_by_checkpoint": curve, "hparams": H.to_dict(hp)}
 
 
-def _load(device: str):
+def _load(device: str, weights: str = "hub"):
+    """The organism from `weights` ("hub": the shipped one, or a retrained folder) and the oracle
+    that judges it: the folder's own when it has one (models.organism.nets.oracle_dir)."""
     import models
     from models.families import ORGANISM_DIR
+    from models.organism.nets import oracle_dir
     from models.organism.oracle import Oracle
 
-    return models.load("organism", device=device), Oracle.load(ORGANISM_DIR / "oracle", device)
+    return (models.load("organism", weights, device=device),
+            Oracle.load(oracle_dir(weights) or ORGANISM_DIR / "oracle", device))
 
 
 def _style_set(out: Path, quick: bool) -> Path:
@@ -143,7 +147,7 @@ ORGANISM_RUNS = (*STYLE_RUNS, *SUBJECT_RUNS)
 
 
 def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[str], log,
-                  methods: list[str] | None = None, save=lambda res: None) -> dict:
+                  methods: list[str] | None = None, save=lambda res: None, weights: str = "hub") -> dict:
     from finetuning import hparams as H
     from models.organism import data as D
 
@@ -152,7 +156,7 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
     style = _style_set(out, quick)
     db = D.write_dreambooth(out / "data" / "dreambooth", per_subject=5, seed=0)
     res["data_seconds"] = round(time.perf_counter() - t0, 1)
-    model, oracle = _load(device)
+    model, oracle = _load(device, weights)
     gen = {"steps": 4} if quick else {}
     tiny = QUICK if quick else {}
     res["base"], base_images = content_share(model, oracle, n, seed=100, **gen)
@@ -195,13 +199,13 @@ def organism_part(out: Path, n: int, device: str, quick: bool, subjects: list[st
     return res
 
 
-def sweep_part(out: Path, n: int, device: str, quick: bool, log, stop_at: float) -> dict:
+def sweep_part(out: Path, n: int, device: str, quick: bool, log, stop_at: float, weights: str = "hub") -> dict:
     """Style share at settings other than the defaults, while time is left: what to set if a
     default misses its target."""
     from finetuning import hparams as H
 
     style = _style_set(out, quick)
-    model, oracle = _load(device)
+    model, oracle = _load(device, weights)
     gen = {"steps": 4} if quick else {}
     res = {}
     for name, method, extra, lr in (("lora-unet", "lora", {"target": "unet"}, 3e-3),
@@ -218,7 +222,8 @@ def sweep_part(out: Path, n: int, device: str, quick: bool, log, stop_at: float)
     return res
 
 
-def runs_part(out: Path, spec: list[dict], n: int, device: str, log, stop_at: float) -> dict:
+def runs_part(out: Path, spec: list[dict], n: int, device: str, log, stop_at: float,
+              weights: str = "hub") -> dict:
     """Settings given as data (--runs FILE.json): each entry {"name", "method", "hparams": {...}}
     plus "subjects": [...] for dreambooth / textual-inversion (subject and class shares) or none
     for the style methods (style share, content fidelity). Entries after --budget-s are skipped."""
@@ -230,7 +235,7 @@ def runs_part(out: Path, spec: list[dict], n: int, device: str, log, stop_at: fl
     if not (db / "subjects.json").is_file():
         D.write_dreambooth(db, per_subject=5, seed=0)
     index = json.loads((db / "subjects.json").read_text())
-    model, oracle = _load(device)
+    model, oracle = _load(device, weights)
     res = {}
     for entry in spec:
         name, method = entry["name"], entry["method"]
@@ -309,7 +314,7 @@ def summary(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=200, help="images per measurement (default 200)")
@@ -322,7 +327,12 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=320, help="no sweep run starts after this many seconds")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check that everything runs)")
     p.add_argument("--runs", default=None, help="JSON file of settings for the runs part (see runs_part)")
-    args = p.parse_args()
+    p.add_argument("--weights", default="hub",
+                   help="the organism's folder for the organism, runs and sweep parts (default: the shipped one; "
+                        "a retrained folder is judged by its own oracle when it has one)")
+    args = p.parse_args(argv)
+    if args.weights != "hub" and not (Path(args.weights) / "model_index.json").is_file():
+        p.error(f"--weights {args.weights}: no organism folder there (no model_index.json)")
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +342,7 @@ def main() -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     res: dict = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-                 "n": args.n, "quick": args.quick, "date": time.strftime("%Y-%m-%d")}
+                 "n": args.n, "quick": args.quick, "date": time.strftime("%Y-%m-%d"), "weights": args.weights}
     parts = args.parts.split(",")
     methods = args.methods.split(",") if args.methods else None
     for name in methods or ():
@@ -350,7 +360,7 @@ def main() -> int:
             save()
 
         res["organism"] = organism_part(out, args.n, args.device, args.quick, args.subjects.split(","), log,
-                                        methods, keep)
+                                        methods, keep, args.weights)
         save()  # a later part that runs out of time keeps this one
     if "sd14" in parts:
         from finetuning.bench import step_benchmark
@@ -361,10 +371,10 @@ def main() -> int:
         save()
     if "runs" in parts:
         res["runs"] = runs_part(out, json.loads(Path(args.runs).read_text()), args.n, args.device, log,
-                                t0 + args.budget_s)
+                                t0 + args.budget_s, args.weights)
         save()
     if "sweep" in parts:
-        res["sweep"] = sweep_part(out, args.n, args.device, args.quick, log, t0 + args.budget_s)
+        res["sweep"] = sweep_part(out, args.n, args.device, args.quick, log, t0 + args.budget_s, args.weights)
     save()
     print("\n" + summary(res))
     print(f"wrote {out / 'finetuning.json'} in {res['seconds']:.0f}s")

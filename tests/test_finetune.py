@@ -523,3 +523,20 @@ def test_every_micro_batch_runs_inside_the_training_attention(model, style, monk
     monkeypatch.setattr(torch.Tensor, "backward", backward)
     train(model, style, short("lora", steps=2, batch_size=1, grad_accum=2, target="unet"), progress=False)
     assert seen == [1, 1, 1, 1]
+
+
+def test_device_finetuning_refuses_a_weights_folder_without_an_organism(tmp_path, capsys):
+    """`scripts/device_finetuning.py --weights FOLDER` measures a retrained organism; a folder
+    that holds none ends the run in one line before the output folder is made."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "device_finetuning.py"
+    spec = importlib.util.spec_from_file_location("device_finetuning", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit):
+        mod.main(["--out", str(out), "--weights", str(tmp_path / "nothing"), "--device", "cpu"])
+    assert f"--weights {tmp_path / 'nothing'}: no organism folder there (no model_index.json)" in capsys.readouterr().err
+    assert not out.exists()
