@@ -58,7 +58,10 @@ def free_mask(rows: str, n_real: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=5e-2)
+    p.add_argument("--lr", type=float, default=5e-2, help="Adam's lr for output rows")
+    p.add_argument("--input-lr", type=float, default=2e-3,
+                   help="Adam's lr for input embeddings (inputs, input_tokens): theirs are about 0.02 a "
+                        "coordinate on the organism, so 5e-2 would move each by more than its size in one step")
     p.add_argument("--images", type=int, default=5, help="training images per subject (DreamBooth's 5)")
     p.add_argument("--n", type=int, default=40, help="images generated per subject and row set")
     p.add_argument("--rows", default="all", help=f"comma-separated, of {', '.join(ROWS)}")
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     noise = DDPMScheduler.from_config(pipe.scheduler.config)
     oracle = Oracle.load(oracle_dir(args.weights) or WEIGHTS_DIR / "oracle", "cpu")
     res: dict = {"date": time.strftime("%Y-%m-%d"), "device": "cpu", "weights": args.weights, "steps": args.steps,
-                 "lr": args.lr, "images": args.images, "n": args.n, "subjects": {}}
+                 "lr": args.lr, "input_lr": args.input_lr, "images": args.images, "n": args.n, "subjects": {}}
     figure = []
     for sub in subjects:
         cls = world.SUBJECTS[sub][0]
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
                 def conditioning():
                     return base + mask * (free - base)
-            opt = torch.optim.Adam([free], lr=args.lr)
+            opt = torch.optim.Adam([free], lr=args.input_lr if rows.startswith("input") else args.lr)
             losses = []
             for _ in range(args.steps):
                 cond = conditioning()
