@@ -37,6 +37,8 @@ def judges_folder(weights) -> Path | None:
     holds both an oracle/ and a clip/ (a retrain is judged by its own, as
     scripts/device_organism_retrain.sh's swap judges it), else None, which every judge reads as
     the shipped ones."""
+    if weights is None:
+        return None
     folder = Path(str(weights))
     return folder if (folder / "oracle").is_dir() and (folder / "clip").is_dir() else None
 
