@@ -540,3 +540,23 @@ def test_device_finetuning_refuses_a_weights_folder_without_an_organism(tmp_path
         mod.main(["--out", str(out), "--weights", str(tmp_path / "nothing"), "--device", "cpu"])
     assert f"--weights {tmp_path / 'nothing'}: no organism folder there (no model_index.json)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_ti_ceiling_probe_frees_the_rows_asked_for_and_refuses_unknown_ones(capsys):
+    """scripts/cpu_ti_ceiling_probe.py: the caption's rows are <bos> to <eos>, the pads the rest;
+    an unknown row set or subject ends the run in one line naming what is accepted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "cpu_ti_ceiling_probe.py"
+    spec = importlib.util.spec_from_file_location("cpu_ti_ceiling_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tokens, pads = mod.free_mask("tokens", 4), mod.free_mask("pads", 4)
+    assert tokens[:4].eq(1).all() and tokens[4:].eq(0).all() and (tokens + pads).eq(1).all()
+    assert mod.free_mask("input_tokens", 4).equal(tokens) and mod.free_mask("inputs", 4).eq(1).all()
+    for argv, match in ((["--rows", "all,foo"], "--rows all,foo: ['foo'] unknown; accepted all, tokens, pads"),
+                        (["--subjects", "dog9"], "--subjects dog9: ['dog9'] unknown; accepted dog1")):
+        with pytest.raises(SystemExit):
+            mod.main(["--out", "never", *argv])
+        assert match in capsys.readouterr().err
