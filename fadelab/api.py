@@ -90,12 +90,10 @@ def erase(model, concepts: Sequence[str] | None = None, *, guide: str = "",
 def oracle_flags(device: str = "cpu", weights="hub") -> Callable[[np.ndarray], np.ndarray]:
     """The organism oracle as a debias judge: images -> female flags (1.0, 0.0, NaN). weights:
     the model's (Model.weights): a retrained folder with its own oracle is judged by it."""
-    oracle = _oracle(device, weights)
+    from editing import oracle_judge
+    from models.organism.nets import judges_folder
 
-    def judge(images: np.ndarray) -> np.ndarray:
-        return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan)
-                         for g in oracle.read(images)["gender"]])
-    return judge
+    return oracle_judge(judges_folder(weights), device=device)
 
 
 def debias(model, professions: Sequence[str], *, judge: Callable | str = "oracle",

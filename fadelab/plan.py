@@ -114,15 +114,10 @@ def _judge_flags(ctx, name: str | None = None):
     "clip-vit-l-14", "clip-organism") or the first of them that answers the gender task."""
     def make():
         if _organism(ctx):
-            from models.organism.nets import oracle_dir
-            from probes.behaviour.judges import OracleJudge
+            from editing import oracle_judge
+            from models.organism.nets import judges_folder
 
-            oracle = OracleJudge(oracle_dir(ctx.exp.weights), device=ctx.device)
-
-            def judge(images: np.ndarray) -> np.ndarray:
-                genders = oracle.read(images)["gender"]
-                return np.array([{"female": 1.0, "male": 0.0}.get(g, np.nan) for g in genders])
-            return judge
+            return oracle_judge(judges_folder(ctx.exp.weights), device=ctx.device)
         able = [j for j in make_judges(ctx) if "gender" in j.tasks and name in (None, j.name)]
         if not able:
             raise FadelabError(f"uce-debias needs a judge with the gender task{' named ' + repr(name) if name else ''}: "

@@ -166,8 +166,9 @@ def test_judges_come_from_the_models_own_folder(tmp_path):
 
 
 def _retrain_with_own_judges(folder):
-    """An organism folder whose oracle and CLIP differ from the shipped ones in one tensor each
-    (the rest linked to the shipped folder); returns (folder, oracle tensor, CLIP tensor)."""
+    """Fill `folder` with an organism whose oracle and CLIP differ from the shipped ones in one
+    tensor each (the rest linked to the shipped folder); returns {"oracle": (key, tensor),
+    "clip": (key, tensor)}, the changed tensors."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -199,7 +200,7 @@ def test_every_caller_judges_a_retrain_with_its_own_oracle_and_clip(tmp_path):
     from fadelab.cells import Context
     from fadelab.commands.edit import _judge
     from fadelab.commands.evaluate import _judges
-    from fadelab.plan import make_judges
+    from fadelab.plan import _judge_flags, make_judges
 
     own = tmp_path / "retrain"
     own.mkdir()
@@ -215,5 +216,7 @@ def test_every_caller_judges_a_retrain_with_its_own_oracle_and_clip(tmp_path):
         oracle, clip = _judges(["oracle", "clip-organism"], args, True, "cpu")
         assert _has(oracle.oracle.net, okey, oval) is mine
         assert _has(clip.model, ckey, cval) is mine
+        assert _has(_judge_flags(ctx).oracle.net, okey, oval) is mine  # uce-debias in the grid
         assert _has(api._oracle("cpu", weights).oracle.net, okey, oval) is mine
+        assert _has(api.oracle_flags("cpu", weights).oracle.net, okey, oval) is mine
         assert _has(_judge("oracle", "cpu", args.weights).oracle.net, okey, oval) is mine
