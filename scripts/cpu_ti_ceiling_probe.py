@@ -117,15 +117,17 @@ def main(argv: list[str] | None = None) -> None:
                 free = init.clone().requires_grad_(True)
                 handle = emb.register_forward_hook(
                     lambda mod, inp, out: (init + mask * (free - init))[None].expand_as(out))
+                lr = args.input_lr
 
                 def conditioning():
                     return te(batch.input_ids)[0][0]
             else:
                 free = base.clone().requires_grad_(True)
+                lr = args.lr
 
                 def conditioning():
                     return base + mask * (free - base)
-            opt = torch.optim.Adam([free], lr=args.input_lr if rows.startswith("input") else args.lr)
+            opt = torch.optim.Adam([free], lr=lr)
             losses = []
             for _ in range(args.steps):
                 cond = conditioning()
